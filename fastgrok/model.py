@@ -1,0 +1,135 @@
+"""The reference model: one readable 1-layer transformer, the oracle.
+
+Every faster rung of fastgrok (the batched engine, the Triton kernels, the C++
+engine) is tested against this file. It computes the whole sequence the plain
+way, with autograd; nothing here is clever.
+
+Dimensions: N examples, T positions (n_ctx = 4), D d_model, H heads,
+Dh d_head, F d_mlp, V d_vocab. Weight shapes follow TransformerLens.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from fastgrok.config import ModelConfig
+
+# Fixed order in which weights are drawn from the init seed; every backend
+# stacks, flattens and checkpoints parameters in this order.
+PARAM_NAMES = ("W_E", "W_pos", "W_Q", "W_K", "W_V", "W_O", "W_in", "b_in", "W_out", "b_out", "W_U")
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    V, T, D, H, Dh, F = cfg.d_vocab, cfg.n_ctx, cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp
+    return {
+        "W_E": (V, D), "W_pos": (T, D),
+        "W_Q": (H, D, Dh), "W_K": (H, D, Dh), "W_V": (H, D, Dh), "W_O": (H, Dh, D),
+        "W_in": (D, F), "b_in": (F,), "W_out": (F, D), "b_out": (D,),
+        "W_U": (D, V),
+    }
+
+
+def init_params(cfg: ModelConfig, init_seed: int) -> dict[str, Tensor]:
+    """Initial weights as a pure function of the seed (Nanda et al. 2023 scales).
+
+    Every weight matrix ~ N(0, 1/d_model) except W_U ~ N(0, 1/d_vocab); biases
+    zero. Drawn on the CPU in float32 so that every backend and device starts
+    from the same bits; move the result afterwards.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(int(init_seed))
+    params = {}
+    for name, shape in param_shapes(cfg).items():
+        if name.startswith("b_"):
+            params[name] = torch.zeros(shape)
+        else:
+            std = 1 / math.sqrt(cfg.d_vocab if name == "W_U" else cfg.d_model)
+            params[name] = torch.randn(shape, generator=gen) * std
+    return params
+
+
+class _StableCrossEntropy(torch.autograd.Function):
+    """Per-example cross-entropy that stays accurate down to losses of 1e-30.
+
+    With the max logit m subtracted, the loss is log1p(sum_{j != y} e^{z_j - z_y})
+    when y is the argmax (the regime of a trained model), which float32 keeps
+    to full relative precision; the textbook logsumexp(z) - z_y would round
+    log(1 + tiny) to 0. The correct-class gradient is -(sum of the other
+    probabilities), never p_y - 1, which rounds to 0 while the wrong classes
+    keep their gradient (SPEC "Numerics").
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor) -> Tensor:
+        loss, dlogits = stable_cross_entropy_fwd_bwd(logits, labels)
+        ctx.save_for_backward(dlogits)
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss: Tensor):
+        (dlogits,) = ctx.saved_tensors
+        return dlogits * dloss.unsqueeze(-1), None
+
+
+def stable_cross_entropy_fwd_bwd(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-example loss (...,) and its gradient w.r.t. logits (..., V).
+
+    logits: (..., V), labels: (...) int64. Shared by every PyTorch backend.
+    """
+    m = logits.amax(dim=-1, keepdim=True)
+    shifted = logits - m                                            # (..., V), <= 0
+    e = shifted.exp()
+    y = labels.unsqueeze(-1)
+    is_label = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, y, True)
+    z_y = shifted.gather(-1, y).squeeze(-1)                          # (...)
+    # Sum of e^{z_j - z_y} over the wrong classes: accurate even when tiny.
+    e_other_rel = torch.where(is_label, 0.0, (shifted - z_y.unsqueeze(-1)).exp())
+    other_rel = e_other_rel.sum(-1)                                  # (...)
+    log_sum = e.sum(-1).log()                                       # log sum_j e^{z_j - m}
+    # log1p form is exact where y is (near) the argmax; elsewhere the loss is
+    # >= ~log 2 and the logsumexp form is already accurate.
+    loss = torch.where(z_y == 0, other_rel.log1p(), log_sum - z_y)
+    p = e / e.sum(-1, keepdim=True)
+    p_wrong = torch.where(is_label, 0.0, p)
+    dlogits = p_wrong - is_label * p_wrong.sum(-1, keepdim=True)
+    return loss, dlogits
+
+
+def stable_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-example cross-entropy with the numerically careful gradient."""
+    return _StableCrossEntropy.apply(logits, labels)
+
+
+class Transformer(nn.Module):
+    """The paper's 1-layer transformer: no LayerNorm, learned positions,
+    untied embed/unembed, ReLU MLP with biases, attention without biases."""
+
+    def __init__(self, cfg: ModelConfig, init_seed: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        for name, value in init_params(cfg, init_seed).items():
+            self.register_parameter(name, nn.Parameter(value))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """tokens (N, T) int64 -> logits (N, T, V)."""
+        T = tokens.shape[1]
+        resid = self.W_E[tokens] + self.W_pos[:T]                               # (N, T, D)
+
+        q = torch.einsum("ntd,hde->nhte", resid, self.W_Q)                      # (N, H, T, Dh)
+        k = torch.einsum("ntd,hde->nhte", resid, self.W_K)                      # (N, H, T, Dh)
+        v = torch.einsum("ntd,hde->nhte", resid, self.W_V)                      # (N, H, T, Dh)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.cfg.d_head)           # (N, H, T, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+        pattern = scores.softmax(dim=-1)                                        # (N, H, T, T)
+        z = pattern @ v                                                         # (N, H, T, Dh)
+        resid = resid + torch.einsum("nhte,hed->ntd", z, self.W_O)              # (N, T, D)
+
+        pre = resid @ self.W_in + self.b_in                                     # (N, T, F)
+        resid = resid + torch.relu(pre) @ self.W_out + self.b_out               # (N, T, D)
+        return resid @ self.W_U                                                 # (N, T, V)
+
+    def loss(self, tokens: Tensor, labels: Tensor) -> Tensor:
+        """Mean cross-entropy at the last position over the given examples."""
+        return stable_cross_entropy(self(tokens)[:, -1], labels).mean()
