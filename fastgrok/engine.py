@@ -156,7 +156,9 @@ def examples_forward(p: dict[str, Tensor], rows: TokenRows, tab: Tables, x: Tens
         S_flat.index_select(0, rows_y).view(M, N, H),
         tab.S_tab[:, rows.eq_row].unsqueeze(1).expand(M, N, H),
     ], dim=-1)                                                               # (M, N, H, 4)
-    a = scores.softmax(dim=-1)
+    # A hand-written softmax: torch's kernel is slow over a last dim of 4.
+    a = (scores - scores.amax(-1, keepdim=True)).exp_()
+    a = a.div_(a.sum(-1, keepdim=True))
     Vx = V_flat.index_select(0, rows_x).view(M, N, H, Dh)
     Vy = V_flat.index_select(0, rows_y).view(M, N, H, Dh)
     z = (a[..., 0:1] * Vx + a[..., 2:3] * Vy
@@ -345,43 +347,32 @@ class Population:
         """One full-batch AdamW step of every healthy model; returns the losses (M,)."""
         loss = self.loss_and_grad()
         self.step_count += 1
-        healthy = torch.isfinite(loss) & torch.isfinite(self.flat_grads).all(dim=1)
-        healthy_np = healthy.cpu().numpy() & (self.failed_step < 0)
-        self.failed_step[~healthy_np & (self.failed_step < 0)] = self.step_count
-        self._adamw(healthy_np)
+        # A sum over a model's gradients is non-finite iff one of them is (or
+        # they overflow float32, which is divergence all the same): one pass.
+        finite = torch.isfinite(loss) & torch.isfinite(self.flat_grads.sum(dim=1))
+        newly_failed = ~finite.cpu().numpy() & (self.failed_step < 0)
+        self.failed_step[newly_failed] = self.step_count
+        self._adamw(np.flatnonzero(self.failed_step < 0))
         return loss
 
-    def _adamw(self, healthy: np.ndarray):
-        """torch.optim.AdamW (single-tensor path) with per-model lr and wd.
+    def _adamw(self, models: np.ndarray):
+        """AdamW on the given models with their own lr and weight decay.
 
-        Scalars are formed in float64 and rounded to float32 exactly as
-        torch does with its Python-float arguments, so given equal gradients
-        the update is bit-identical to torch.optim.AdamW's.
+        Uses the kernel behind ``torch.optim.AdamW(fused=True)``, one call per
+        distinct (lr, weight decay) pair, on row views of the flat buffers;
+        models not listed (frozen ones) are left untouched.
         """
         b1, b2 = self.optim.betas
-        t = self.step_count
-        lr = self.lr * self.optim.lr_at(t, 1.0)
-        bc1, bc2_sqrt = 1 - b1**t, math.sqrt(1 - b2**t)
-        col = lambda v: torch.as_tensor(v, dtype=torch.float32, device=self.device).unsqueeze(1)
-        decay, neg_step = col(1 - lr * self.weight_decay), col(-lr / bc1)
-        if healthy.all():
-            sel = None
-            p, m, v, g = self.flat_params, self.exp_avg, self.exp_avg_sq, self.flat_grads
-        else:
-            # Frozen models keep their state; update only the healthy rows.
-            sel = torch.as_tensor(np.flatnonzero(healthy), device=self.device)
-            p, m, v, g = (x.index_select(0, sel) for x in
-                          (self.flat_params, self.exp_avg, self.exp_avg_sq, self.flat_grads))
-            decay, neg_step = decay[sel], neg_step[sel]
-        p.mul_(decay)
-        m.lerp_(g, 1 - b1)
-        v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        denom = (v.sqrt() / bc2_sqrt).add_(self.optim.eps)
-        p.addcdiv_(m * neg_step, denom)
-        if sel is not None:
-            self.flat_params.index_copy_(0, sel, p)
-            self.exp_avg.index_copy_(0, sel, m)
-            self.exp_avg_sq.index_copy_(0, sel, v)
+        warm = self.optim.lr_at(self.step_count, 1.0)
+        step = torch.tensor(float(self.step_count), device=self.device)
+        groups: dict[tuple[float, float], list[int]] = {}
+        for m in models:
+            groups.setdefault((self.lr[m] * warm, self.weight_decay[m]), []).append(int(m))
+        for (lr, wd), ms in groups.items():
+            rows = [[buf[m] for m in ms] for buf in
+                    (self.flat_params, self.flat_grads, self.exp_avg, self.exp_avg_sq)]
+            torch._fused_adamw_(*rows, [], [step] * len(ms), lr=lr, beta1=b1, beta2=b2,
+                                weight_decay=wd, eps=self.optim.eps, amsgrad=False, maximize=False)
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()

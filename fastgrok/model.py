@@ -76,23 +76,23 @@ def stable_cross_entropy_fwd_bwd(logits: Tensor, labels: Tensor) -> tuple[Tensor
     """Per-example loss (...,) and its gradient w.r.t. logits (..., V).
 
     logits: (..., V), labels: (...) int64. Shared by every PyTorch backend.
+    With m the max logit and e_j = exp(z_j - m): the wrong-class mass
+    other = sum_{j != y} e_j is summed with the label's entry zeroed, so it
+    keeps full relative precision however small it is.
     """
-    m = logits.amax(dim=-1, keepdim=True)
-    shifted = logits - m                                            # (..., V), <= 0
-    e = shifted.exp()
     y = labels.unsqueeze(-1)
-    is_label = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, y, True)
-    z_y = shifted.gather(-1, y).squeeze(-1)                          # (...)
-    # Sum of e^{z_j - z_y} over the wrong classes: accurate even when tiny.
-    e_other_rel = torch.where(is_label, 0.0, (shifted - z_y.unsqueeze(-1)).exp())
-    other_rel = e_other_rel.sum(-1)                                  # (...)
-    log_sum = e.sum(-1).log()                                       # log sum_j e^{z_j - m}
-    # log1p form is exact where y is (near) the argmax; elsewhere the loss is
-    # >= ~log 2 and the logsumexp form is already accurate.
-    loss = torch.where(z_y == 0, other_rel.log1p(), log_sum - z_y)
-    p = e / e.sum(-1, keepdim=True)
-    p_wrong = torch.where(is_label, 0.0, p)
-    dlogits = p_wrong - is_label * p_wrong.sum(-1, keepdim=True)
+    m = logits.amax(dim=-1, keepdim=True)
+    z_y = (logits.gather(-1, y) - m).squeeze(-1)                    # (...), <= 0
+    e = (logits - m).exp_()                                         # (..., V)
+    e_y = e.gather(-1, y).squeeze(-1)
+    e.scatter_(-1, y, 0.0)
+    other = e.sum(-1)                                               # (...)
+    total = other + e_y
+    # Where y is the argmax (e_y = 1) the loss is log1p(other), exact for
+    # tiny other; elsewhere it is >= ~log 2 and logsumexp - z_y is accurate.
+    loss = torch.where(z_y == 0, other.log1p(), total.log() - z_y)
+    dlogits = e.div_(total.unsqueeze(-1))                           # p_j, j != y
+    dlogits.scatter_(-1, y, (-other / total).unsqueeze(-1))         # -(sum of the others)
     return loss, dlogits
 
 
