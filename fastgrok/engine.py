@@ -248,6 +248,39 @@ def tables_backward(p: dict[str, Tensor], g: dict[str, Tensor], rows: TokenRows,
 CHUNK = 256
 
 
+BACKENDS = ("auto", "torch", "cpu", "triton")
+
+
+def resolve_backend(name: str, device: torch.device) -> tuple[str, object | None]:
+    """Pick the implementation of ``Population.step``.
+
+    ``torch`` is this module (any device). ``cpu`` is the C++ engine
+    (``fastgrok.cpu_engine``), ``triton`` the fused kernels
+    (``fastgrok.triton_engine``); each module exposes ``available(device) ->
+    (ok, reason)`` and ``step(pop) -> losses``. ``auto`` takes the fastest
+    available one. A named backend that is unavailable falls back to
+    ``torch`` with a warning that says why.
+    """
+    import importlib
+    import warnings
+
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; valid backends: {', '.join(BACKENDS)}")
+    candidates = {"auto": ["triton", "cpu"], "torch": [], "cpu": ["cpu"], "triton": ["triton"]}[name]
+    for cand in candidates:
+        try:
+            module = importlib.import_module(f"fastgrok.{cand}_engine")
+            ok, reason = module.available(device)
+        except ImportError as exc:
+            ok, reason = False, f"fastgrok.{cand}_engine cannot be imported ({exc})"
+        if ok:
+            return cand, module
+        if name != "auto":
+            warnings.warn(f"backend {cand!r} unavailable: {reason}; using the batched PyTorch engine",
+                          stacklevel=3)
+    return "torch", None
+
+
 class Population:
     """M independent models trained together with full-batch AdamW.
 
@@ -257,7 +290,7 @@ class Population:
 
     def __init__(self, task: Task, model_cfg: ModelConfig, runs: list[RunSpec],
                  optim_cfg: OptimConfig = OptimConfig(), device: str | torch.device = "cpu",
-                 chunk: int = CHUNK):
+                 chunk: int = CHUNK, backend: str = "torch"):
         if not runs:
             raise ValueError("a population needs at least one RunSpec; got an empty list")
         if model_cfg.n_ctx != 4:
@@ -294,6 +327,7 @@ class Population:
             if not r.weight_decay >= 0:
                 raise ValueError(f"model {m}: weight_decay={r.weight_decay!r} must be >= 0")
         self._build_data()
+        self.backend, self._backend_impl = resolve_backend(backend, self.device)
 
     def _views(self, flat: Tensor) -> dict[str, Tensor]:
         out, start = {}, 0
@@ -345,15 +379,23 @@ class Population:
 
     def step(self) -> Tensor:
         """One full-batch AdamW step of every healthy model; returns the losses (M,)."""
+        if self._backend_impl is not None:
+            return self._backend_impl.step(self)
         loss = self.loss_and_grad()
         self.step_count += 1
         # A sum over a model's gradients is non-finite iff one of them is (or
         # they overflow float32, which is divergence all the same): one pass.
-        finite = torch.isfinite(loss) & torch.isfinite(self.flat_grads.sum(dim=1))
+        self.mark_failures(torch.isfinite(loss) & torch.isfinite(self.flat_grads.sum(dim=1)))
+        self._adamw(self.healthy_models())
+        return loss
+
+    def mark_failures(self, finite: Tensor) -> None:
+        """Freeze models whose ``finite`` flag (M,) is False, noting the step."""
         newly_failed = ~finite.cpu().numpy() & (self.failed_step < 0)
         self.failed_step[newly_failed] = self.step_count
-        self._adamw(np.flatnonzero(self.failed_step < 0))
-        return loss
+
+    def healthy_models(self) -> np.ndarray:
+        return np.flatnonzero(self.failed_step < 0)
 
     def _adamw(self, models: np.ndarray):
         """AdamW on the given models with their own lr and weight decay.
