@@ -119,7 +119,7 @@ PRESETS: dict[str, dict] = {
     "paper": dict(op="x+y", p=113, d_model=128, n_heads=4, d_head=32, d_mlp=512,
                   lr=1e-3, weight_decay=1.0, train_size=3830, steps=30_000),
     "cpu": dict(op="x+y", p=43, d_model=64, n_heads=4, d_head=16, d_mlp=256,
-                lr=1e-3, weight_decay=1.0, train_size=740, steps=4000),
+                lr=1e-3, weight_decay=1.0, train_size=925, steps=5000),
 }
 
 _TASK_KEYS = ("op", "p")

@@ -286,11 +286,14 @@ class Population:
 
     ``runs[m]`` fixes model m's training-set size, seeds, lr and weight decay;
     the model and optimiser constants (betas, eps, warm-up) are shared.
+    Training is float32 (SPEC); ``dtype=torch.float64`` exists to check the
+    algorithm against the float64 oracle free of float32 rounding, which
+    chaotic stretches of training amplify.
     """
 
     def __init__(self, task: Task, model_cfg: ModelConfig, runs: list[RunSpec],
                  optim_cfg: OptimConfig = OptimConfig(), device: str | torch.device = "cpu",
-                 chunk: int = CHUNK, backend: str = "torch"):
+                 chunk: int = CHUNK, backend: str = "torch", dtype: torch.dtype = torch.float32):
         if not runs:
             raise ValueError("a population needs at least one RunSpec; got an empty list")
         if model_cfg.n_ctx != 4:
@@ -309,7 +312,7 @@ class Population:
         # Flat state; per-name tensors are views into it.
         self.flat_params = torch.stack([
             torch.cat([init_params(model_cfg, r.init_seed)[k].reshape(-1) for k in PARAM_NAMES])
-            for r in runs]).to(self.device)                                  # (M, P)
+            for r in runs]).to(device=self.device, dtype=dtype)              # (M, P)
         self.flat_grads = torch.zeros_like(self.flat_params)
         self.exp_avg = torch.zeros_like(self.flat_params)
         self.exp_avg_sq = torch.zeros_like(self.flat_params)
@@ -343,7 +346,7 @@ class Population:
         N = int(self.train_size.max())
         idx = np.zeros((self.M, N), dtype=np.int64)
         labels = np.zeros((self.M, N), dtype=np.int64)
-        weight = np.zeros((self.M, N), dtype=np.float32)
+        weight = np.zeros((self.M, N), dtype=np.float64)
         for m, s in enumerate(self.splits):
             D = len(s.train_idx)
             idx[m, :D], labels[m, :D], weight[m, :D] = s.train_idx, s.train_labels, 1.0 / D
@@ -352,7 +355,7 @@ class Population:
         self.train_x = torch.as_tensor(task.x[idx], device=dev)
         self.train_y = torch.as_tensor(task.y[idx], device=dev)
         self.train_labels = torch.as_tensor(labels, device=dev)
-        self.train_weight = torch.as_tensor(weight, device=dev)
+        self.train_weight = torch.as_tensor(weight, device=dev, dtype=self.flat_params.dtype)
 
     # ------------------------------------------------------------------ training
     def loss_and_grad(self) -> Tensor:
@@ -406,7 +409,7 @@ class Population:
         """
         b1, b2 = self.optim.betas
         warm = self.optim.lr_at(self.step_count, 1.0)
-        step = torch.tensor(float(self.step_count), device=self.device)
+        step = torch.tensor(float(self.step_count), device=self.device, dtype=self.flat_params.dtype)
         groups: dict[tuple[float, float], list[int]] = {}
         for m in models:
             groups.setdefault((self.lr[m] * warm, self.weight_decay[m]), []).append(int(m))

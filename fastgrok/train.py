@@ -51,20 +51,22 @@ def train_reference(
     eval_every: int = 100,
     device: str | torch.device = "cpu",
     log=None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Transformer, History]:
     """Train one model for ``steps`` full-batch AdamW steps.
 
     run.lr and run.weight_decay override the optimiser config's; betas, eps
     and warm-up come from ``optim_cfg``. Evaluates at step 0, every
     ``eval_every`` steps and at the end. ``log(step, history)`` is called after
-    each evaluation if given.
+    each evaluation if given. ``dtype=torch.float64`` gives the run that
+    fp32 backends are measured against (same initial weights, cast up).
     """
     split = task.split(run.data_seed, run.train_size, run.random_labels)
     tokens = torch.as_tensor(task.tokens, device=device)
     train_x, train_y = tokens[split.train_idx], torch.as_tensor(split.train_labels, device=device)
     test_x, test_y = tokens[split.test_idx], torch.as_tensor(split.test_labels, device=device)
 
-    model = Transformer(model_cfg, run.init_seed).to(device)
+    model = Transformer(model_cfg, run.init_seed).to(device=device, dtype=dtype)
     opt = torch.optim.AdamW(
         model.parameters(), lr=run.lr, betas=optim_cfg.betas, eps=optim_cfg.eps,
         weight_decay=run.weight_decay,
