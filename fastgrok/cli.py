@@ -1,0 +1,328 @@
+"""``fastgrok``: the paper's experiments as commands.
+
+    fastgrok sweep --sizes 1500:2050:20 --seeds 10      # semi-grokking (Fig. 5, 10)
+    fastgrok grok --seeds 5                               # grokking (Fig. 1a)
+    fastgrok ungrok --wd 0.5,1,2                          # ungrokking (Figs. 4, 7)
+    fastgrok efficiency                                   # circuit efficiency (Fig. 3)
+    fastgrok toy                                          # the two-circuit simulation (Fig. 2)
+    fastgrok plot FILE | fastgrok info FILE
+
+Every invalid argument is reported on one line that names the value and what
+would be valid, with exit status 2, before anything is written.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from fastgrok.config import PRESETS, OptimConfig, TaskConfig, get_preset
+from fastgrok.engine import BACKENDS
+from fastgrok.experiments import (DEFAULTS, check_seeds, draw_figures, grid_runs, parse_floats, parse_sizes,
+                                  pretrain_path, summarize, ungrok_plan, write_toy)
+from fastgrok.tasks import OPS
+
+USAGE_ERROR = 2
+
+
+class UsageError(Exception):
+    """Bad input from the command line: one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+# ----------------------------------------------------------------------- parser
+def _common(p: argparse.ArgumentParser, sizes_help: str):
+    p.add_argument("--preset", default="paper", help=f"model/task preset: {', '.join(PRESETS)} (default paper)")
+    p.add_argument("--task", help=f"operation, default the preset's ({', '.join(OPS)})")
+    p.add_argument("--p", type=int, help="modulus, default the preset's")
+    p.add_argument("--steps", type=int, help="training steps per model (default: the experiment's)")
+    p.add_argument("--seeds", type=int, help="seeds per configuration (default: the experiment's)")
+    p.add_argument("--lr", default=None, help="learning rate, or a comma list crossed with the rest")
+    p.add_argument("--wd", default=None, help="weight decay, or a comma list crossed with the rest")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="training backend (default auto)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--out", type=Path, help="output HDF5 file (default runs/<experiment>-<preset>.h5)")
+    p.add_argument("--resume", action="store_true", help="continue --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress display (batch jobs)")
+    p.add_argument("--no-plot", action="store_true", help="do not draw the figure at the end")
+    if sizes_help:
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("--sizes", help=sizes_help)
+        g.add_argument("--fractions", help="training-set sizes as fractions of all pairs, comma list")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fastgrok", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sizes = "START:STOP:COUNT (COUNT evenly spaced, inclusive), geom:START:STOP:COUNT, or a,b,c"
+    _common(sub.add_parser("sweep", help="semi-grokking sweep (Section 5.3)"), sizes)
+    _common(sub.add_parser("grok", help="grokking: one configuration, many seeds (Fig. 1a)"), sizes)
+    ung = sub.add_parser("ungrok", help="ungrokking (Section 5.2)")
+    _common(ung, "reduced sizes D' " + sizes)
+    ung.add_argument("--pretrain-steps", type=int, help="steps on the full dataset before reducing it")
+    ung.add_argument("--pretrain-wd", type=float, default=1.0, help="weight decay while pre-training (default 1)")
+    eff = sub.add_parser("efficiency", help="circuit efficiency (Section 5.1)")
+    _common(eff, "")
+    eff.add_argument("--mem-sizes", help="sizes of the memorisation-only (random label) runs; " + sizes)
+    eff.add_argument("--gen-sizes", help="sizes of the generalisation-only runs; " + sizes)
+    toy = sub.add_parser("toy", help="the two-circuit simulation (Section 3, Appendix C)")
+    toy.add_argument("--steps", type=int, help="gradient-descent steps per column")
+    toy.add_argument("--out", type=Path, default=Path("runs/toy.h5"))
+    toy.add_argument("--resume", action="store_true", help="overwrite an existing --out (the toy takes seconds)")
+    toy.add_argument("--no-plot", action="store_true")
+    for name, what in (("plot", "draw the figure for a run file"), ("info", "what a run file holds")):
+        q = sub.add_parser(name, help=what)
+        q.add_argument("file", type=Path)
+        if name == "plot":
+            q.add_argument("--out", type=Path, help="figure path prefix (default: beside FILE)")
+    return parser
+
+
+# ------------------------------------------------------------------- validation
+def _preset(args):
+    overrides = {}
+    if args.task is not None:
+        overrides["op"] = args.task
+    if args.p is not None:
+        overrides["p"] = args.p
+    if args.preset not in PRESETS:
+        raise UsageError(f"--preset {args.preset!r}: unknown; valid presets: {', '.join(PRESETS)}")
+    try:
+        return get_preset(args.preset, **overrides)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _positive(value, flag):
+    if value is not None and value < 1:
+        raise UsageError(f"{flag} {value}: must be >= 1")
+    return value
+
+
+def _sizes(args, text, n_pairs, flag="--sizes"):
+    if getattr(args, "fractions", None):
+        fractions = parse_floats(args.fractions, "--fractions", 0.0, strict=True)
+        for f in fractions:
+            if f > 1:
+                raise ValueError(f"--fractions {f:g}: a fraction of all pairs must be in (0, 1]")
+        return parse_sizes(",".join(str(max(1, round(f * n_pairs))) for f in fractions), n_pairs, "--fractions")
+    return parse_sizes(text, n_pairs, flag)
+
+
+def _out_path(args, experiment: str) -> Path:
+    out = args.out or Path("runs") / f"{experiment}-{args.preset}.h5"
+    if out.exists() and not args.resume:
+        raise UsageError(f"--out {out}: the file exists; pass --resume to continue it, or choose another --out")
+    if out.exists() and out.is_dir():
+        raise UsageError(f"--out {out}: is a directory; give a file path ending in .h5")
+    return out
+
+
+def _check_resumable(out: Path, experiment: str):
+    """A file to resume must hold this experiment (the runner checks the configuration)."""
+    from fastgrok.experiments import file_experiment
+
+    if out.exists():
+        found = file_experiment(out)
+        if found != experiment:
+            raise UsageError(f"--resume {out}: the file holds experiment {found!r}, not {experiment!r}")
+
+
+# --------------------------------------------------------------------- progress
+class Progress:
+    """A rich progress bar with steps/s, model-steps/s, ETA and population counts."""
+
+    def __init__(self, total_steps: int, n_models: int, label: str, quiet: bool):
+        self.quiet, self.total, self.n_models = quiet, total_steps, n_models
+        self.counts, self._last = "", 0.0
+        if quiet:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
+            TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = RichProgress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            TextColumn("{task.fields[counts]}"), refresh_per_second=4, transient=False)
+        self.task = self.bar.add_task(label, total=total_steps, rate="", counts="")
+        self.bar.start()
+        self._t0, self._s0 = time.perf_counter(), None
+
+    def __call__(self, step, pop, evaluation):
+        if evaluation is not None:
+            import numpy as np
+
+            v = evaluation.values
+            train, test = v["train_acc"], v["test_acc"]
+            grokked = test >= 0.99
+            partial = (train >= 0.99) & (test >= 0.5) & ~grokked
+            memorised = (train >= 0.99) & (test < 0.5)
+            failed = int((pop.failed_step >= 0).sum())
+            self.counts = (f"memorised {int(memorised.sum())} · partial {int(partial.sum())} · "
+                           f"grokked {int(np.sum(grokked))}" + (f" · failed {failed}" if failed else ""))
+        if self.quiet:
+            return
+        now = time.perf_counter()
+        if self._s0 is None:
+            self._t0, self._s0 = now, step
+        if now - self._last < 0.25 and step != self.total:
+            return
+        self._last = now
+        rate = (step - self._s0) / max(now - self._t0, 1e-9)
+        self.bar.update(self.task, completed=step, counts=self.counts,
+                        rate=f"{rate:,.0f} steps/s · {rate * self.n_models:,.0f} model-steps/s")
+
+    def close(self):
+        if not self.quiet:
+            self.bar.stop()
+
+
+# ------------------------------------------------------------------ experiments
+def _train(args, experiment, out, preset, runs, steps, **kw):
+    from fastgrok.runner import run_experiment
+
+    optim = OptimConfig()
+    progress = Progress(steps, len(runs), f"{experiment} ({len(runs)} models)", args.quiet)
+    try:
+        pop = run_experiment(out, experiment, preset.task, preset.model, optim, runs, steps,
+                             backend=args.backend, device=args.device, resume=args.resume,
+                             progress=progress, **kw)
+    finally:
+        progress.close()
+    print(f"{experiment}: {len(runs)} models x {steps:,} steps on backend {pop.backend} -> {out}"
+          + (f"; {progress.counts}" if progress.counts else ""))
+    return pop
+
+
+def _finish(args, out: Path):
+    if not args.no_plot:
+        for path in draw_figures(out):
+            print(f"figure: {path}")
+
+
+def cmd_grid(args, experiment):
+    preset = _preset(args)
+    d = DEFAULTS[preset.name][experiment]
+    n_pairs = preset.task.n_pairs
+    sizes = _sizes(args, args.sizes or d["sizes"], n_pairs)
+    seeds = check_seeds(args.seeds if args.seeds is not None else d["seeds"])
+    steps = _positive(args.steps if args.steps is not None else d["steps"], "--steps")
+    lrs = parse_floats(args.lr or preset.optim.lr, "--lr", 0.0, strict=True)
+    wds = parse_floats(args.wd if args.wd is not None else preset.optim.weight_decay, "--wd", 0.0, strict=False)
+    out = _out_path(args, experiment)
+    if args.resume:
+        _check_resumable(out, experiment)
+    runs = grid_runs(sizes, seeds, lrs, wds)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _train(args, experiment, out, preset, runs, steps)
+    _finish(args, out)
+
+
+def cmd_ungrok(args):
+    from fastgrok.runner import InitFrom
+
+    preset = _preset(args)
+    d = DEFAULTS[preset.name]["ungrok"]
+    n_pairs = preset.task.n_pairs
+    sizes = _sizes(args, args.sizes or d["sizes"], n_pairs)
+    seeds = check_seeds(args.seeds if args.seeds is not None else d["seeds"])
+    steps = _positive(args.steps if args.steps is not None else d["steps"], "--steps")
+    pre_steps = _positive(args.pretrain_steps if args.pretrain_steps is not None else d["pretrain_steps"],
+                          "--pretrain-steps")
+    lrs = parse_floats(args.lr or preset.optim.lr, "--lr", 0.0, strict=True)
+    if len(lrs) != 1:
+        raise UsageError(f"--lr {args.lr}: ungrok takes one learning rate (it sweeps D' and --wd)")
+    wds = parse_floats(args.wd or d["wd"], "--wd", 0.0, strict=False)
+    parse_floats(args.pretrain_wd, "--pretrain-wd", 0.0, strict=False)
+    out = _out_path(args, "ungrok")
+    pre = pretrain_path(out)
+    if pre.exists() and not args.resume:
+        raise UsageError(f"--out {out}: its pre-training file {pre} exists; pass --resume or choose another --out")
+    if args.resume:
+        _check_resumable(out, "ungrok")
+        _check_resumable(pre, "ungrok.pretrain")
+    plan = ungrok_plan(n_pairs, sizes, seeds, lrs[0], wds, args.pretrain_wd)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _train(args, "ungrok.pretrain", pre, preset, plan.pretrain, pre_steps)
+    _train(args, "ungrok", out, preset, plan.continuation, steps, init_from=InitFrom(pre, plan.sources))
+    _finish(args, out)
+
+
+def cmd_efficiency(args):
+    preset = _preset(args)
+    if preset.task.op != "x+y":
+        raise UsageError(f"--task {preset.task.op}: efficiency measures the C_gen/C_mem logits of "
+                         f"Appendix B, defined for x+y only")
+    d = DEFAULTS[preset.name]["efficiency"]
+    n_pairs = preset.task.n_pairs
+    mem_sizes = parse_sizes(args.mem_sizes or d["mem_sizes"], n_pairs, "--mem-sizes")
+    gen_sizes = parse_sizes(args.gen_sizes or d["gen_sizes"], n_pairs, "--gen-sizes")
+    seeds = check_seeds(args.seeds if args.seeds is not None else d["seeds"])
+    steps = _positive(args.steps if args.steps is not None else d["steps"], "--steps")
+    lrs = parse_floats(args.lr or preset.optim.lr, "--lr", 0.0, strict=True)
+    wds = parse_floats(args.wd or d["wd"], "--wd", 0.0, strict=False)
+    out = _out_path(args, "efficiency")
+    if args.resume:
+        _check_resumable(out, "efficiency")
+    runs = grid_runs(mem_sizes, seeds, lrs, wds, random_labels=True) + grid_runs(gen_sizes, seeds, lrs, wds)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _train(args, "efficiency", out, preset, runs, steps)
+    _finish(args, out)
+
+
+def cmd_toy(args):
+    from fastgrok.toy import run_toy, summarize as toy_summary
+
+    _positive(args.steps, "--steps")
+    if args.out.exists() and not args.resume:
+        raise UsageError(f"--out {args.out}: the file exists; pass --resume to overwrite it, or choose another --out")
+    result = run_toy(args.steps)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_toy(args.out, result)
+    for column, values in toy_summary(result).items():
+        print(f"toy column {column}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+    print(f"toy -> {args.out}")
+    _finish(args, args.out)
+
+
+def cmd_plot(args):
+    for path in draw_figures(args.file, args.out):
+        print(f"figure: {path}")
+
+
+def cmd_info(args):
+    import pandas as pd
+
+    lines, frame = summarize(args.file)
+    print("\n".join(lines))
+    with pd.option_context("display.width", 160, "display.max_rows", 200, "display.float_format", "{:.4g}".format):
+        print(frame.to_string(index=False))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command in ("sweep", "grok"):
+            cmd_grid(args, args.command)
+        else:
+            {"ungrok": cmd_ungrok, "efficiency": cmd_efficiency, "toy": cmd_toy,
+             "plot": cmd_plot, "info": cmd_info}[args.command](args)
+    except (UsageError, ValueError, FileExistsError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"fastgrok: error: {message}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("fastgrok: interrupted; the run file keeps its last checkpoint (continue with --resume)",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
