@@ -66,6 +66,10 @@ def parse_sizes(text: str, n_pairs: int, flag: str = "--sizes") -> list[int]:
                 raise ValueError(f"{flag} {spec}: COUNT={count} must be >= 1")
             if geometric and (start <= 0 or stop <= 0):
                 raise ValueError(f"{flag} {spec}: geometric spacing needs START and STOP > 0")
+            for name, end in (("START", start), ("STOP", stop)):
+                if not 1 <= end <= n_pairs:
+                    raise ValueError(f"{flag} {spec}: {name}={end:g} is outside 1..{n_pairs} "
+                                     f"(the task's number of pairs)")
             space = np.geomspace if geometric else np.linspace
             sizes = [int(round(v)) for v in space(start, stop, count)]
         else:
