@@ -153,8 +153,14 @@ def write_toy(path: Path, result: dict[str, dict[str, np.ndarray]]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w") as f:
         f.attrs.update(experiment="toy", schema=TOY_SCHEMA, fastgrok_version=fastgrok.__version__)
+        from dataclasses import asdict
+
+        from fastgrok.toy import TABLE_1
+
         for column, arrays in result.items():
             g = f.create_group(column)
+            if column in TABLE_1:  # the column's Table 1 hyperparameters
+                g.attrs.update({k: v for k, v in asdict(TABLE_1[column]).items() if v is not None})
             for name, values in arrays.items():
                 g.create_dataset(name, data=np.asarray(values))
     os.replace(tmp, path)
