@@ -52,11 +52,6 @@ NORM_METRICS = ("param_norm",) + tuple(f"param_norm_{name}" for name in PARAM_NA
 CIRCUIT_METRICS = ("gen_logit_train", "gen_logit_test", "mem_logit_train", "mem_logit_test",
                    "gen_mem_ratio_train", "gen_mem_ratio_test", "gen_energy_fraction")
 
-# Accuracy thresholds behind the population counts shown while training.
-MEMORISED_TRAIN_ACC = 0.99
-GROKKED_TEST_ACC = 0.99
-
-
 def metric_names(op: str) -> tuple[str, ...]:
     """Names of the measurements taken for a task, in storage order."""
     return LOSS_METRICS + NORM_METRICS + (CIRCUIT_METRICS if op in CIRCUIT_OPS else ())
@@ -68,14 +63,6 @@ class Evaluation:
 
     step: int
     values: dict[str, np.ndarray]
-
-    def grokked(self) -> np.ndarray:
-        """(M,) bool: test accuracy at least ``GROKKED_TEST_ACC``."""
-        return self.values["test_acc"] >= GROKKED_TEST_ACC
-
-    def memorised(self) -> np.ndarray:
-        """(M,) bool: fits its training set but has not grokked (yet)."""
-        return (self.values["train_acc"] >= MEMORISED_TRAIN_ACC) & ~self.grokked()
 
 
 # ------------------------------------------------------------------- circuits

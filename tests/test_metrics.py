@@ -8,7 +8,7 @@ import torch
 
 from fastgrok.config import ModelConfig, RunSpec, TaskConfig
 from fastgrok.engine import Population
-from fastgrok.metrics import (CIRCUIT_METRICS, Evaluation, Evaluator, metric_names,
+from fastgrok.metrics import (CIRCUIT_METRICS, Evaluator, metric_names,
                               trig_components, trig_part_by_offset)
 from fastgrok.model import PARAM_NAMES, Transformer
 from fastgrok.tasks import Task
@@ -162,10 +162,3 @@ def test_chunks_of_models_give_the_same_measurements():
     chunked = one_by_one(pop)
     for name in whole.values:
         np.testing.assert_allclose(chunked.values[name], whole.values[name], rtol=1e-12, err_msg=name)
-
-
-def test_grokked_and_memorised_counts():
-    evaluation = Evaluation(0, {"train_acc": np.array([1.0, 1.0, 0.5, 0.995]),
-                                "test_acc": np.array([1.0, 0.2, 0.1, 0.99])})
-    assert evaluation.grokked().tolist() == [True, False, False, True]
-    assert evaluation.memorised().tolist() == [False, True, False, False]

@@ -2,7 +2,6 @@
 (SIGKILL at random moments and inside writes, resumed each time) with concurrent readers."""
 import dataclasses
 import json
-import os
 import random
 import signal
 import subprocess
