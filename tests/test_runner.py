@@ -142,9 +142,17 @@ def test_refusals_name_the_value(tmp_path):
         run(tmp_path / "new.h5", steps=10, snapshot_steps=[11])
 
 
-def test_crash_and_resume_in_process_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_crash_and_resume_in_process_is_bit_identical(tmp_path, backend):
+    if backend == "cpu":
+        from fastgrok import cpu_engine
+
+        ok, reason = cpu_engine.available("cpu")
+        if not ok:   # tests/test_cpu_engine.py fails where a compiler exists but no build
+            pytest.skip(reason)
     reference = tmp_path / "reference.h5"
-    run(reference, steps=90, snapshot_steps=[30, 60])
+    run(reference, steps=90, snapshot_steps=[30, 60], backend=backend)
+    assert read_run(reference).backend == backend
 
     class Crash(Exception):
         pass
@@ -158,18 +166,22 @@ def test_crash_and_resume_in_process_is_bit_identical(tmp_path):
     path = tmp_path / "crashed.h5"
     for crash_step in (12, 55, 77):        # before the first checkpoint, between, after snapshots
         with pytest.raises(Crash):
-            run(path, steps=90, snapshot_steps=[30, 60], resume=True, progress=crash_at(crash_step))
+            run(path, steps=90, snapshot_steps=[30, 60], resume=True, progress=crash_at(crash_step),
+                backend=backend)
         assert read_run(path).state_step == crash_step // 25 * 25
-    run(path, steps=90, snapshot_steps=[30, 60], resume=True)
+    run(path, steps=90, snapshot_steps=[30, 60], resume=True, backend=backend)
     assert_same_run(path, reference)
 
     # A complete run resumes to nothing; a longer one continues where it stopped.
-    run(path, steps=90, resume=True)
+    run(path, steps=90, resume=True, backend=backend)
     assert_same_run(path, reference)
-    run(path, steps=120, resume=True)
+    run(path, steps=120, resume=True, backend=backend)
     data = read_run(path)
     assert data.complete and data.state_step == 120 and data.target_steps == 120
     assert data.steps.tolist() == read_run(reference).steps.tolist() + [100, 120]
+    if backend != "torch":
+        with pytest.warns(UserWarning, match=f"trained on backend '{backend}' and continues on 'torch'"):
+            run(path, steps=130, resume=True, backend="torch")
 
 
 def test_init_from_copies_rows_and_resets_moments(tmp_path):
