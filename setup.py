@@ -7,13 +7,14 @@ failure is printed as a warning and written next to where the extension would
 be, and ``fastgrok.cpu_engine.available()`` reports it.
 
 Flags, first set that builds wins:
-  1. -O3 -march=native -mprefer-vector-width=512 -ffp-contract=fast -fopenmp
+  1. -O3 -march=native -mprefer-vector-width=512 -ffp-contract=fast -fno-math-errno -fopenmp
      (AVX-512 where the build machine has it; GCC otherwise sticks to 256-bit)
-  2. -O3 -ffp-contract=fast -fopenmp    (portable: baseline ISA of the compiler)
-  3. -O3 -ffp-contract=fast             (no OpenMP: one thread)
+  2. -O3 -ffp-contract=fast -fno-math-errno -fopenmp   (portable: the compiler's baseline ISA)
+  3. -O3 -ffp-contract=fast -fno-math-errno            (no OpenMP: one thread)
 FASTGROK_CPU_CFLAGS="..." replaces the list with one set of your own (e.g.
 "-O3 -march=x86-64-v3 -fopenmp" for a binary that runs on any AVX2 machine).
--ffp-contract=fast lets the compiler fuse multiply-adds, as every BLAS does.
+-ffp-contract=fast lets the compiler fuse multiply-adds, as every BLAS does;
+-fno-math-errno lets it vectorise sqrt (the engine never reads errno).
 """
 import os
 import shlex
@@ -31,9 +32,9 @@ except ImportError:  # pybind11 is a build requirement; without it, skip the eng
 CPU_ENGINE = "fastgrok._cpu_engine"
 BUILD_ERROR_FILE = "_cpu_engine_build_error.txt"
 FLAG_SETS = [
-    ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=fast", "-fopenmp"],
-    ["-O3", "-ffp-contract=fast", "-fopenmp"],
-    ["-O3", "-ffp-contract=fast"],
+    ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp"],
+    ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp"],
+    ["-O3", "-ffp-contract=fast", "-fno-math-errno"],
 ]
 
 

@@ -54,32 +54,61 @@ T* checked(const py::array& a, const char* name, std::initializer_list<py::ssize
 class PyEngine {
   public:
     PyEngine(int n, int d_vocab, int d_model, int n_heads, int d_head, int d_mlp, const py::array& x,
-             const py::array& y, const py::array& labels, const py::array& train_size) {
-        for (auto [name, value] : {std::pair{"n", n}, std::pair{"d_vocab", d_vocab}, std::pair{"d_model", d_model},
-                                   std::pair{"n_heads", n_heads}, std::pair{"d_head", d_head},
-                                   std::pair{"d_mlp", d_mlp}})
-            if (value < 1) throw py::value_error(std::string(name) + "=" + std::to_string(value) + ": must be >= 1");
-        if (d_vocab != n + 2)
-            throw py::value_error("d_vocab=" + std::to_string(d_vocab) + ": must be n + 2 = " + std::to_string(n + 2));
+             const py::array& y, const py::array& labels, const py::array& train_size)
+        : shape_{n, d_vocab, d_model, n_heads, d_head, d_mlp}, layout_(check_shape(shape_)) {
         if (x.ndim() != 2) throw py::value_error("x: shape " + shape_str(x) + ", expected (M, N)");
         const py::ssize_t M = x.shape(0), N = x.shape(1);
         const auto* xs = checked<int64_t>(x, "x", {M, N}, false);
         const auto* ys = checked<int64_t>(y, "y", {M, N}, false);
         const auto* ls = checked<int64_t>(labels, "labels", {M, N}, false);
         const auto* ts = checked<int64_t>(train_size, "train_size", {M}, false);
-        ModelShape shape{n, d_vocab, d_model, n_heads, d_head, d_mlp};
-        py::gil_scoped_release release;
-        engine_ = std::make_unique<Engine>(shape, int(M), int(N), xs, ys, ls, ts);
+        try {
+            data_ = std::make_unique<fastgrok::TrainingSet>(shape_, int(M), int(N), xs, ys, ls, ts);
+        } catch (const std::invalid_argument& exc) {
+            throw py::value_error(exc.what());
+        }
     }
 
     py::tuple step(const py::array& params, const py::array& grads, const py::array& exp_avg,
                    const py::array& exp_avg_sq, py::object lr, py::object weight_decay, py::object frozen,
                    int64_t step, double beta1, double beta2, double eps, int n_threads) {
-        const py::ssize_t M = engine_->M(), P = py::ssize_t(engine_->layout().P);
-        float* p = checked<float>(params, "params", {M, P}, true);
-        float* g = checked<float>(grads, "grads", {M, P}, true);
-        float* m = checked<float>(exp_avg, "exp_avg", {M, P}, true);
-        float* v = checked<float>(exp_avg_sq, "exp_avg_sq", {M, P}, true);
+        if (py::dtype::of<double>().is(params.dtype()))
+            return run<double>(f64_, params, grads, exp_avg, exp_avg_sq, lr, weight_decay, frozen, step, beta1,
+                               beta2, eps, n_threads);
+        return run<float>(f32_, params, grads, exp_avg, exp_avg_sq, lr, weight_decay, frozen, step, beta1, beta2,
+                          eps, n_threads);
+    }
+
+    std::size_t scratch_bytes() const {
+        return (f32_ ? f32_->scratch_bytes() : 0) + (f64_ ? f64_->scratch_bytes() : 0);
+    }
+    std::size_t n_params() const { return layout_.P; }
+
+  private:
+    ModelShape shape_;
+    fastgrok::ParamLayout layout_;
+    std::unique_ptr<fastgrok::TrainingSet> data_;
+    std::unique_ptr<Engine<float>> f32_;
+    std::unique_ptr<Engine<double>> f64_;
+
+    static const ModelShape& check_shape(const ModelShape& s) {
+        for (auto [name, value] : {std::pair{"n", s.n}, std::pair{"d_vocab", s.V}, std::pair{"d_model", s.D},
+                                   std::pair{"n_heads", s.H}, std::pair{"d_head", s.Dh}, std::pair{"d_mlp", s.F}})
+            if (value < 1) throw py::value_error(std::string(name) + "=" + std::to_string(value) + ": must be >= 1");
+        if (s.V != s.n + 2)
+            throw py::value_error("d_vocab=" + std::to_string(s.V) + ": must be n + 2 = " + std::to_string(s.n + 2));
+        return s;
+    }
+
+    template <typename Real>
+    py::tuple run(std::unique_ptr<Engine<Real>>& engine, const py::array& params, const py::array& grads,
+                  const py::array& exp_avg, const py::array& exp_avg_sq, py::object lr, py::object weight_decay,
+                  py::object frozen, int64_t step, double beta1, double beta2, double eps, int n_threads) {
+        const py::ssize_t M = data_->M, P = py::ssize_t(layout_.P);
+        Real* p = checked<Real>(params, "params", {M, P}, true);
+        Real* g = checked<Real>(grads, "grads", {M, P}, true);
+        Real* m = checked<Real>(exp_avg, "exp_avg", {M, P}, true);
+        Real* v = checked<Real>(exp_avg_sq, "exp_avg_sq", {M, P}, true);
         const bool update = !lr.is_none();
         fastgrok::AdamWArgs args{};
         py::array lr_a, wd_a, frozen_a;
@@ -96,21 +125,17 @@ class PyEngine {
             args.beta2 = beta2;
             args.eps = eps;
         }
-        py::array_t<float> loss(M);
+        if (n_threads < 1) throw py::value_error("n_threads=" + std::to_string(n_threads) + ": must be >= 1");
+        if (!engine) engine = std::make_unique<Engine<Real>>(shape_, *data_);
+        py::array_t<double> loss(M);
         py::array_t<bool> finite(M);
         fastgrok::StepOutput out{loss.mutable_data(), reinterpret_cast<uint8_t*>(finite.mutable_data())};
         {
             py::gil_scoped_release release;
-            engine_->step(p, g, m, v, update ? &args : nullptr, n_threads, out);
+            engine->step(p, g, m, v, update ? &args : nullptr, n_threads, out);
         }
         return py::make_tuple(loss, finite);
     }
-
-    std::size_t scratch_bytes() const { return engine_->scratch_bytes(); }
-    std::size_t n_params() const { return engine_->layout().P; }
-
-  private:
-    std::unique_ptr<Engine> engine_;
 };
 
 }  // namespace
@@ -125,15 +150,16 @@ PYBIND11_MODULE(_cpu_engine, mod) {
         .def("step", &PyEngine::step, py::arg("params"), py::arg("grads"), py::arg("exp_avg"),
              py::arg("exp_avg_sq"), py::arg("lr"), py::arg("weight_decay"), py::arg("frozen"), py::arg("step"),
              py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("n_threads"),
-             "Loss and gradients of every model; with lr given (not None), AdamW on each model that is "
-             "neither frozen nor non-finite. Returns (loss float32 (M,), finite bool (M,)).")
+             "Loss and gradients of every model (float32 or float64 state, as given); with lr given (not "
+             "None), AdamW on each model that is neither frozen nor non-finite. Returns (loss float64 (M,), "
+             "finite bool (M,)).")
         .def_property_readonly("scratch_bytes", &PyEngine::scratch_bytes)
         .def_property_readonly("n_params", &PyEngine::n_params);
     mod.def("build_info", []() {
         py::dict info;
         info["flags"] = FASTGROK_BUILD_FLAGS;
-        info["vector_bits"] = fastgrok::VL * 32;
-        info["gemm_tile"] = std::to_string(fastgrok::MR) + "x" + std::to_string(fastgrok::NR);
+        info["vector_bits"] = fastgrok::VECTOR_BYTES * 8;
+        info["gemm_tile_float32"] = std::to_string(fastgrok::MR) + "x" + std::to_string(fastgrok::Simd<float>::NR);
 #ifdef _OPENMP
         info["openmp"] = _OPENMP;
 #else

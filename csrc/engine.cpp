@@ -5,13 +5,14 @@
 // last position, c = W_E[=] + W_pos[3]).
 //
 // The MLP input and the logits are linear in the attention weights:
-//   pre    = c @ W_in + b_in        + sum_{t,h} a[t,h] U[r_t, h]
-//   logits = (c + b_out) @ W_U      + sum_{t,h} a[t,h] UU[r_t, h] + relu(pre) @ W_OU
-// with per-step tables U[r, h] = V_tab[r, h] @ (W_O[h] @ W_in) (R x H x F),
-// UU[r, h] = V_tab[r, h] @ (W_O[h] @ W_U) (R x H x V) and W_OU = W_out @ W_U
-// (F x V). So an example costs 4H gathered rows of U and UU and one F x V
-// product forward, instead of the H*Dh*D + 2*D*F + D*V multiply-adds of
-// z @ W_O, the two MLP layers and the unembedding.
+//   pre    = c @ W_in + b_in    + sum_{t,h} a[t,h] U[r_t, h]
+//   logits = (c + b_out) @ W_U  + sum_{t,h} a[t,h] UU[r_t, h] + relu(pre) @ W_OU
+// with per-step tables U[r, h] = V_tab[r, h] @ W_OI[h] (R x H x F),
+// UU[r, h] = V_tab[r, h] @ W_OUh[h] (R x H x V), where W_OI[h] = W_O[h] @ W_in,
+// W_OUh[h] = W_O[h] @ W_U and W_OU = W_out @ W_U (F x V). So an example costs
+// 4H gathered rows of U and UU and one F x V product forward, instead of the
+// H*Dh*D + 2*D*F + D*V multiply-adds of z @ W_O, the two MLP layers and the
+// unembedding.
 //
 // Backward per example, with dlogits from the loss:
 //   dW_OU += relu(pre)^T dlogits;  dpre = (dlogits @ W_OU^T) * [pre > 0]
@@ -24,20 +25,29 @@
 // Multiply-adds at the paper config (p = 113, D = 128, H = 4, Dh = 32,
 // F = 512, V = 115): per example 3*F*V + 4*4H*F + 4*4H*V ~ 0.21 M (the
 // batched engine: 3*(H*Dh*D + 2*D*F + D*V) ~ 0.49 M); per model and step
-// ~ 95 M for the tables (three H*Dh*D*F and three R*H*Dh*F products, three
+// ~ 75 M for the tables (three H*Dh*D*F and three R*H*Dh*F products, three
 // F*D*V ones, the key/value tables). At D = 2000 a model-step is ~1.0 GFLOP
 // against the batched engine's ~2.0.
 //
-// Examples are processed in tiles of TILE so the tile's activations (hidden,
-// dhidden, logits: TILE * (2 Fp + Vp) floats, 216 KB at the paper config)
-// stay in L2 next to W_OU; the gathered table rows are re-read from L2.
+// Memory and locality. Examples are sorted by (x, y) and walked in blocks of
+// X_BLOCK x values. The x rows of U, UU (and their gradients) exist only for
+// the current block, in L1/L2-sized buffers: they are built from V_tab when the
+// block starts and turned into gradients of V_tab and W_OI/W_OUh when it ends.
+// The other rows (operator, y, =) are whole tables. Within a block, tiles of
+// TILE examples keep hidden, dhidden and logits (216 KB at the paper config)
+// in L2 next to W_OU. The tables only needed by the examples share memory with
+// the intermediate gradients of the per-step backward. At the paper config a
+// thread's workspace is ~4.6 MB, so with M = 8 models on 2 threads the
+// scratch adds ~1.2 MB per model to the 3.6 MB of parameters, gradients and
+// moments.
 //
 // Threads: with M >= threads every thread steps whole models, one at a time,
 // with its own workspace, so a model's tables stay in that core's caches from
-// the forward to AdamW. With fewer models than threads each model's examples
-// are split into shards with their own gradient accumulators, summed in shard
-// order afterwards; the result then depends on the number of shards (not on
-// scheduling), which is max(1, ceil(threads / M)).
+// the forward to AdamW, and its result does not depend on the thread count.
+// With fewer models than threads each model's x blocks are split into shards
+// with their own gradient accumulators, summed in shard order afterwards; the
+// result then depends on the number of shards, max(1, ceil(threads / M)), but
+// not on scheduling.
 #include "engine.hpp"
 
 #include <algorithm>
@@ -59,35 +69,85 @@ namespace fastgrok {
 
 namespace {
 
+constexpr int X_BLOCK = TrainingSet::X_BLOCK;
 // Examples per tile: a multiple of MR so the logits GEMM has no ragged rows.
 constexpr int TILE = 4 * MR;
 
-void transpose(int rows, int cols, const float* src, std::ptrdiff_t lds, float* dst,
-               std::ptrdiff_t ldd) {
+int thread_id() {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+template <typename Real>
+void transpose(int rows, int cols, const Real* src, std::ptrdiff_t lds, Real* dst, std::ptrdiff_t ldd) {
     for (int i = 0; i < rows; ++i)
         for (int j = 0; j < cols; ++j) dst[j * ldd + i] = src[i * lds + j];
 }
 
+// A 64-byte aligned array, zero-initialised.
+template <typename Real>
+class Buffer {
+  public:
+    explicit Buffer(std::size_t count) : size_(count) {
+        const std::size_t bytes = round_up(std::max<std::size_t>(count, 1) * sizeof(Real), 64);
+        void* p = std::aligned_alloc(64, bytes);
+        if (p == nullptr) throw std::bad_alloc();
+        data_.reset(static_cast<Real*>(p));
+        zero();
+    }
+    Real* data() { return data_.get(); }
+    const Real* data() const { return data_.get(); }
+    std::size_t size() const { return size_; }
+    void zero() { std::fill(data_.get(), data_.get() + size_, Real(0)); }
+
+  private:
+    struct Free {
+        void operator()(Real* p) const { std::free(p); }
+    };
+    std::unique_ptr<Real[], Free> data_;
+    std::size_t size_;
+};
+
+// Consecutive 64-byte aligned pieces of one buffer, laid out by size.
+class Carver {
+  public:
+    template <typename Real>
+    std::size_t take(std::size_t count) {
+        const std::size_t start = used_;
+        used_ += round_up(count, 64 / sizeof(Real));
+        return start;
+    }
+    std::size_t used() const { return used_; }
+
+  private:
+    std::size_t used_ = 0;
+};
+
+template <typename Real>
 struct ParamPtrs {
-    const float *W_E, *W_pos, *W_Q, *W_K, *W_V, *W_O, *W_in, *b_in, *W_out, *b_out, *W_U;
-    ParamPtrs(const float* base, const ParamLayout& L)
+    Real *W_E, *W_pos, *W_Q, *W_K, *W_V, *W_O, *W_in, *b_in, *W_out, *b_out, *W_U;
+    ParamPtrs(Real* base, const ParamLayout& L)
         : W_E(base + L.W_E), W_pos(base + L.W_pos), W_Q(base + L.W_Q), W_K(base + L.W_K),
           W_V(base + L.W_V), W_O(base + L.W_O), W_in(base + L.W_in), b_in(base + L.b_in),
           W_out(base + L.W_out), b_out(base + L.b_out), W_U(base + L.W_U) {}
 };
 
-struct GradPtrs {
-    float *W_E, *W_pos, *W_Q, *W_K, *W_V, *W_O, *W_in, *b_in, *W_out, *b_out, *W_U;
-    GradPtrs(float* base, const ParamLayout& L)
-        : W_E(base + L.W_E), W_pos(base + L.W_pos), W_Q(base + L.W_Q), W_K(base + L.W_K),
-          W_V(base + L.W_V), W_O(base + L.W_O), W_in(base + L.W_in), b_in(base + L.b_in),
-          W_out(base + L.W_out), b_out(base + L.b_out), W_U(base + L.W_U) {}
+// Row r of the token table: element r at position 0 (r < n), the operator at
+// position 1 (r = n), element r - n - 1 at position 2, = at position 3.
+inline int row_token(int r, int n) { return r < n ? r : (r == n ? n : (r <= 2 * n ? r - n - 1 : n + 1)); }
+inline int row_pos(int r, int n) { return r < n ? 0 : (r == n ? 1 : (r <= 2 * n ? 2 : 3)); }
+
+template <typename Real>
+struct Padded {
+    int Fp, Vp;
+    explicit Padded(const ModelShape& s)
+        : Fp(int(round_up(s.F, Simd<Real>::NR))), Vp(int(round_up(s.V, Simd<Real>::NR))) {}
 };
 
 }  // namespace
-
-int ModelShape::Fp() const { return static_cast<int>(round_up(F, NR)); }
-int ModelShape::Vp() const { return static_cast<int>(round_up(V, NR)); }
 
 ParamLayout::ParamLayout(const ModelShape& s) {
     const std::size_t V = s.V, D = s.D, H = s.H, Dh = s.Dh, F = s.F, T = 4;
@@ -107,467 +167,541 @@ ParamLayout::ParamLayout(const ModelShape& s) {
     P = at;
 }
 
-Buffer::Buffer(std::size_t count) : size_(count) {
-    const std::size_t bytes = round_up(std::max<std::size_t>(count, 1) * sizeof(float), 64);
-    void* p = std::aligned_alloc(64, bytes);
-    if (p == nullptr) throw std::bad_alloc();
-    data_.reset(static_cast<float*>(p));
-    zero();
-}
-
-void Buffer::Free::operator()(float* p) const { std::free(p); }
-
-void Buffer::zero() { std::fill(data_.get(), data_.get() + size_, 0.0f); }
-
-// Per-step, per-model quantities derived from the parameters.
-struct Tables {
-    Buffer R_tab;      // (R, D) residual stream of every (token, position) row
-    Buffer K, Vt;      // (R, H*Dh) keys and values
-    Buffer q;          // (H*Dh) query of the last position
-    Buffer S;          // (R, H) scaled scores of the last position
-    Buffer W_OI;       // (H, Dh, Fp) W_O[h] @ W_in
-    Buffer W_OUh;      // (H, Dh, Vp) W_O[h] @ W_U
-    Buffer W_OU;       // (Fp, Vp) W_out @ W_U
-    Buffer W_OU_T;     // (Vp, Fp)
-    Buffer U;          // (R, H, Fp) V_tab[r, h] @ W_OI[h]
-    Buffer UU;         // (R, H, Vp) V_tab[r, h] @ W_OUh[h]
-    Buffer base_pre;   // (Fp) c @ W_in + b_in
-    Buffer c_bout;     // (D) c + b_out
-    Buffer base_logit; // (Vp) (c + b_out) @ W_U
-
-    explicit Tables(const ModelShape& s)
-        : R_tab(s.R() * s.D), K(s.R() * s.HDh()), Vt(s.R() * s.HDh()), q(s.HDh()),
-          S(s.R() * s.H), W_OI(s.HDh() * s.Fp()), W_OUh(s.HDh() * s.Vp()),
-          W_OU(s.Fp() * s.Vp()), W_OU_T(s.Vp() * s.Fp()), U(std::size_t(s.R()) * s.H * s.Fp()),
-          UU(std::size_t(s.R()) * s.H * s.Vp()), base_pre(s.Fp()), c_bout(s.D),
-          base_logit(s.Vp()) {}
-};
-
-// Gradients w.r.t. the per-step tables, summed over a range of examples.
-struct ExampleGrads {
-    Buffer dU;          // (R, H, Fp)
-    Buffer dUU;         // (R, H, Vp)
-    Buffer dW_OU;       // (Fp, Vp)
-    Buffer dS;          // (R, H) w.r.t. the scaled scores
-    Buffer dbase_pre;   // (Fp)
-    Buffer dbase_logit; // (Vp)
-    double loss = 0.0;  // sum of weighted example losses
-
-    explicit ExampleGrads(const ModelShape& s)
-        : dU(std::size_t(s.R()) * s.H * s.Fp()), dUU(std::size_t(s.R()) * s.H * s.Vp()),
-          dW_OU(s.Fp() * s.Vp()), dS(s.R() * s.H), dbase_pre(s.Fp()), dbase_logit(s.Vp()) {}
-
-    void zero() {
-        for (Buffer* b : {&dU, &dUU, &dW_OU, &dS, &dbase_pre, &dbase_logit}) b->zero();
-        loss = 0.0;
-    }
-
-    void add(const ExampleGrads& other) {
-        for (auto [dst, src] : {std::pair{&dU, &other.dU}, std::pair{&dUU, &other.dUU},
-                                std::pair{&dW_OU, &other.dW_OU}, std::pair{&dS, &other.dS},
-                                std::pair{&dbase_pre, &other.dbase_pre},
-                                std::pair{&dbase_logit, &other.dbase_logit}}) {
-            float* d = dst->data();
-            const float* s = src->data();
-            for (std::size_t i = 0; i < dst->size(); ++i) d[i] += s[i];
-        }
-        loss += other.loss;
-    }
-};
-
-// Activations of one tile of examples.
-struct TileScratch {
-    Buffer a;        // (TILE, 4H) attention weights, index t * H + h
-    Buffer hidden;   // (TILE, Fp) relu(pre); hidden > 0 is the relu mask
-    Buffer logits;   // (TILE, Vp) logits, then dlogits in place
-    Buffer dhidden;  // (TILE, Fp)
-    std::vector<int32_t> rows;  // (TILE, 4) token row read at each position
-
-    explicit TileScratch(const ModelShape& s)
-        : a(TILE * s.J()), hidden(TILE * s.Fp()), logits(TILE * s.Vp()),
-          dhidden(TILE * s.Fp()), rows(TILE * 4) {}
-};
-
-// Intermediate gradients of the per-step backward.
-struct BackwardScratch {
-    Buffer dVt, dK;       // (R, H*Dh)
-    Buffer dq;            // (H*Dh)
-    Buffer dR;            // (R, D)
-    Buffer dc;            // (D)
-    Buffer dW_OI;         // (H, Dh, Fp)
-    Buffer dW_OUh;        // (H, Dh, Vp)
-    Buffer head_T;        // (max(Fp, Vp, D), Dh) a transposed per-head matrix
-    Buffer W_in_T;        // (F, D)
-    Buffer W_U_T;         // (V, D)
-
-    explicit BackwardScratch(const ModelShape& s)
-        : dVt(s.R() * s.HDh()), dK(s.R() * s.HDh()), dq(s.HDh()), dR(s.R() * s.D), dc(s.D),
-          dW_OI(s.HDh() * s.Fp()), dW_OUh(s.HDh() * s.Vp()),
-          head_T(std::max({s.Fp(), s.Vp(), s.D}) * s.Dh), W_in_T(s.F * s.D),
-          W_U_T(s.V * s.D) {}
-};
-
-struct Engine::Workspace {
-    Tables tables;
-    ExampleGrads grads;
-    BackwardScratch backward;
-    explicit Workspace(const ModelShape& s) : tables(s), grads(s), backward(s) {}
-};
-
-std::size_t workspace_bytes(const ModelShape& s) {
-    const std::size_t R = s.R(), H = s.H, Fp = s.Fp(), Vp = s.Vp(), D = s.D, HDh = s.HDh();
-    const std::size_t tables = R * D + 3 * R * HDh + HDh + R * H + HDh * (Fp + Vp) + 2 * Fp * Vp +
-                               R * H * (Fp + Vp) + Fp + D + Vp;
-    const std::size_t grads = R * H * (Fp + Vp) + Fp * Vp + R * H + Fp + Vp;
-    const std::size_t backward = 2 * R * HDh + HDh + R * D + D + HDh * (Fp + Vp) +
-                                 std::max({Fp, Vp, D}) * s.Dh + 2 * std::size_t(s.F + s.V) * D;
-    return sizeof(float) * (tables + grads + backward);
-}
-
-namespace {
-
-// Row r of the token table: element r at position 0 (r < n), the operator at
-// position 1 (r = n), element r - n - 1 at position 2, = at position 3.
-inline int row_token(int r, int n) { return r < n ? r : (r == n ? n : (r <= 2 * n ? r - n - 1 : n + 1)); }
-inline int row_pos(int r, int n) { return r < n ? 0 : (r == n ? 1 : (r <= 2 * n ? 2 : 3)); }
-
-void tables_forward(const ModelShape& s, const ParamPtrs& p, Tables& tb) {
-    const int R = s.R(), D = s.D, H = s.H, Dh = s.Dh, HDh = s.HDh(), F = s.F, V = s.V;
-    const int Fp = s.Fp(), Vp = s.Vp();
-    for (int r = 0; r < R; ++r) {
-        const float* e = p.W_E + std::size_t(row_token(r, s.n)) * D;
-        const float* pos = p.W_pos + std::size_t(row_pos(r, s.n)) * D;
-        float* out = tb.R_tab.data() + std::size_t(r) * D;
-        for (int d = 0; d < D; ++d) out[d] = e[d] + pos[d];
-    }
-    const float* c = tb.R_tab.data() + std::size_t(R - 1) * D;
-    for (int h = 0; h < H; ++h) {
-        const std::size_t w = std::size_t(h) * D * Dh;
-        gemm(R, Dh, D, tb.R_tab.data(), D, 1, p.W_K + w, Dh, tb.K.data() + h * Dh, HDh, false);
-        gemm(R, Dh, D, tb.R_tab.data(), D, 1, p.W_V + w, Dh, tb.Vt.data() + h * Dh, HDh, false);
-        gemm(1, Dh, D, c, D, 1, p.W_Q + w, Dh, tb.q.data() + h * Dh, HDh, false);
-    }
-    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(Dh)));
-    for (int r = 0; r < R; ++r)
-        for (int h = 0; h < H; ++h) {
-            const float* k = tb.K.data() + std::size_t(r) * HDh + h * Dh;
-            const float* q = tb.q.data() + h * Dh;
-            float dot = 0.0f;
-            for (int e = 0; e < Dh; ++e) dot += k[e] * q[e];
-            tb.S.data()[r * H + h] = dot * scale;
-        }
-
-    // Padding columns (F..Fp, V..Vp) of every table stay zero from allocation:
-    // the GEMMs below write only the first F or V columns.
-    for (int h = 0; h < H; ++h) {
-        const float* W_O = p.W_O + std::size_t(h) * Dh * D;
-        gemm(Dh, F, D, W_O, D, 1, p.W_in, F, tb.W_OI.data() + std::size_t(h) * Dh * Fp, Fp, false);
-        gemm(Dh, V, D, W_O, D, 1, p.W_U, V, tb.W_OUh.data() + std::size_t(h) * Dh * Vp, Vp, false);
-    }
-    for (int h = 0; h < H; ++h) {
-        gemm(R, Fp, Dh, tb.Vt.data() + h * Dh, HDh, 1, tb.W_OI.data() + std::size_t(h) * Dh * Fp,
-             Fp, tb.U.data() + std::size_t(h) * Fp, std::ptrdiff_t(H) * Fp, false);
-        gemm(R, Vp, Dh, tb.Vt.data() + h * Dh, HDh, 1, tb.W_OUh.data() + std::size_t(h) * Dh * Vp,
-             Vp, tb.UU.data() + std::size_t(h) * Vp, std::ptrdiff_t(H) * Vp, false);
-    }
-    gemm(F, V, D, p.W_out, D, 1, p.W_U, V, tb.W_OU.data(), Vp, false);
-    transpose(Fp, Vp, tb.W_OU.data(), Vp, tb.W_OU_T.data(), Fp);
-
-    gemm(1, F, D, c, D, 1, p.W_in, F, tb.base_pre.data(), Fp, false);
-    for (int f = 0; f < F; ++f) tb.base_pre.data()[f] += p.b_in[f];
-    for (int d = 0; d < D; ++d) tb.c_bout.data()[d] = c[d] + p.b_out[d];
-    gemm(1, V, D, tb.c_bout.data(), D, 1, p.W_U, V, tb.base_logit.data(), Vp, false);
-}
-
-// out = base + sum_j a[j] * rows[j], len a multiple of VL; relu applied if asked.
-// Eight accumulators in flight hide the FMA latency of the 4H-long chains.
-template <bool Relu>
-inline void combine_rows(int J, const float* a, const float* const* rows, const float* base,
-                         float* out, int len) {
-    int f = 0;
-    for (; f + 8 * VL <= len; f += 8 * VL) {
-        vreg acc[8];
-        for (int u = 0; u < 8; ++u) acc[u] = load(base + f + u * VL);
-        for (int j = 0; j < J; ++j) {
-            const float* row = rows[j] + f;
-            const float aj = a[j];
-            for (int u = 0; u < 8; ++u) acc[u] += aj * load(row + u * VL);
-        }
-        for (int u = 0; u < 8; ++u) store(out + f + u * VL, Relu ? relu(acc[u]) : acc[u]);
-    }
-    for (; f < len; f += VL) {
-        vreg acc = load(base + f);
-        for (int j = 0; j < J; ++j) acc += a[j] * load(rows[j] + f);
-        store(out + f, Relu ? relu(acc) : acc);
-    }
-}
-
-// For each j: da[j] += g . rows[j];  drows[j] += a[j] * g.  One pass over g.
-inline void dot_and_scatter(int J, const float* a, const float* const* rows, float* const* drows,
-                            const float* g, int len, float* da) {
-    constexpr int JMAX = 64;
-    vreg dots[JMAX];
-    for (int j0 = 0; j0 < J; j0 += JMAX) {
-        const int jn = std::min(JMAX, J - j0);
-        for (int j = 0; j < jn; ++j) dots[j] = vreg{};
-        for (int f = 0; f < len; f += VL) {
-            const vreg gf = load(g + f);
-            for (int j = 0; j < jn; ++j) {
-                dots[j] += gf * load(rows[j0 + j] + f);
-                float* dr = drows[j0 + j] + f;
-                store(dr, load(dr) + a[j0 + j] * gf);
-            }
-        }
-        for (int j = 0; j < jn; ++j) da[j0 + j] += hsum(dots[j]);
-    }
-}
-
-// Per-example cross-entropy of logits[0:V] against label, in the stable form
-// of fastgrok/model.py; writes weight * dloss/dlogits over logits[0:Vp]
-// (zero on the padding) and returns the unweighted loss.
-inline float loss_and_dlogits(float* z, int V, int Vp, int label, float weight) {
-    float zmax = z[0];
-    for (int v = 1; v < V; ++v) zmax = std::max(zmax, z[v]);
-    const float zy = z[label] - zmax;
-    for (int v = 0; v < V; ++v) z[v] -= zmax;
-    exp_inplace(z, V);
-    const float ey = z[label];
-    z[label] = 0.0f;
-    float other = 0.0f;
-    for (int v = 0; v < V; ++v) other += z[v];
-    const float total = other + ey;
-    const float loss = zy == 0.0f ? std::log1p(other) : std::log(total) - zy;
-    for (int v = 0; v < V; ++v) z[v] = z[v] / total * weight;
-    z[label] = -other / total * weight;
-    for (int v = V; v < Vp; ++v) z[v] = 0.0f;
-    // max() above skips NaN logits; make sure a NaN anywhere reaches the loss.
-    return std::isnan(zmax) ? zmax : loss;
-}
-
-}  // namespace
-
-Engine::Engine(const ModelShape& shape, int M, int N, const int64_t* x, const int64_t* y,
-               const int64_t* labels, const int64_t* train_size)
-    : shape_(shape), layout_(shape), M_(M), x_(M), y_(M), labels_(M) {
+TrainingSet::TrainingSet(const ModelShape& shape, int M_, int N, const int64_t* xs, const int64_t* ys,
+                         const int64_t* ls, const int64_t* train_size)
+    : M(M_), x(M_), y(M_), labels(M_), block_start(M_) {
     const int n = shape.n;
+    const int blocks = (n + X_BLOCK - 1) / X_BLOCK;
     for (int m = 0; m < M; ++m) {
         const int64_t D = train_size[m];
         if (D < 1 || D > N)
             throw std::invalid_argument("train_size[" + std::to_string(m) + "]=" + std::to_string(D) +
                                         ": must be in 1.." + std::to_string(N));
-        const int64_t* xm = x + std::size_t(m) * N;
-        const int64_t* ym = y + std::size_t(m) * N;
-        const int64_t* lm = labels + std::size_t(m) * N;
-        for (int64_t i = 0; i < D; ++i) {
+        const int64_t* xm = xs + std::size_t(m) * N;
+        const int64_t* ym = ys + std::size_t(m) * N;
+        const int64_t* lm = ls + std::size_t(m) * N;
+        for (int64_t i = 0; i < D; ++i)
             if (xm[i] < 0 || xm[i] >= n || ym[i] < 0 || ym[i] >= n || lm[i] < 0 || lm[i] >= shape.V)
                 throw std::invalid_argument(
                     "model " + std::to_string(m) + " example " + std::to_string(i) + ": (x, y, label) = (" +
                     std::to_string(xm[i]) + ", " + std::to_string(ym[i]) + ", " + std::to_string(lm[i]) +
-                    ") must have x, y in 0.." + std::to_string(n - 1) + " and label in 0.." +
+                    "); valid: x, y in 0.." + std::to_string(n - 1) + ", label in 0.." +
                     std::to_string(shape.V - 1));
-        }
         std::vector<int64_t> order(D);
         std::iota(order.begin(), order.end(), 0);
         std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) {
             return xm[i] != xm[j] ? xm[i] < xm[j] : ym[i] < ym[j];
         });
         for (int64_t i : order) {
-            x_[m].push_back(static_cast<int32_t>(xm[i]));
-            y_[m].push_back(static_cast<int32_t>(ym[i]));
-            labels_[m].push_back(static_cast<int32_t>(lm[i]));
+            x[m].push_back(int32_t(xm[i]));
+            y[m].push_back(int32_t(ym[i]));
+            labels[m].push_back(int32_t(lm[i]));
+        }
+        block_start[m].assign(blocks + 1, int(D));
+        for (int b = 0, i = 0; b < blocks; ++b) {
+            while (i < D && x[m][i] < b * X_BLOCK) ++i;
+            block_start[m][b] = i;
         }
     }
 }
 
-Engine::~Engine() = default;
+// Per-step quantities of one model derived from its parameters.
+template <typename Real>
+struct Workspace {
+    // Live through the whole step.
+    Buffer<Real> R_tab;   // (R, D) residual stream of every (token, position) row
+    Buffer<Real> K, Vt;   // (R, H*Dh) keys and values
+    Buffer<Real> q;       // (H*Dh) query of the last position
+    Buffer<Real> S;       // (R, H) scaled scores of the last position
+    Buffer<Real> W_OI;    // (H, Dh, Fp) W_O[h] @ W_in
+    Buffer<Real> W_OUh;   // (H, Dh, Vp) W_O[h] @ W_U
+    Buffer<Real> c_bout;  // (D) c + b_out
+    // Only the examples read these; the backward then reuses their memory.
+    Buffer<Real> arena;
+    Real *W_OU;        // (Fp, Vp) W_out @ W_U
+    Real *W_OU_T;      // (Vp, Fp)
+    Real *U_rest;      // (n + 2, H, Fp) rows of U other than x: operator, y, =
+    Real *UU_rest;     // (n + 2, H, Vp)
+    Real *base_pre;    // (Fp) c @ W_in + b_in
+    Real *base_logit;  // (Vp) (c + b_out) @ W_U
+    Real *dK;          // (R, H*Dh)   backward only
+    Real *dR;          // (R, D)      backward only
+    Real *dq, *dc;     // (H*Dh), (D) backward only
+    Real *small_T;     // (max(D, V) * max(D, Dh)) transposed copies, backward only
 
-std::size_t Engine::scratch_bytes() const {
-    const ModelShape& s = shape_;
-    const std::size_t R = s.R(), H = s.H, Fp = s.Fp(), Vp = s.Vp();
-    const std::size_t grads = sizeof(float) * (R * H * (Fp + Vp) + Fp * Vp + R * H + Fp + Vp);
-    const std::size_t tile = sizeof(float) * TILE * (s.J() + 2 * Fp + Vp) + sizeof(int32_t) * TILE * 4;
-    return workspaces_.size() * workspace_bytes(s) + shard_grads_.size() * grads + tiles_.size() * tile;
+    explicit Workspace(const ModelShape& s)
+        : R_tab(std::size_t(s.R()) * s.D), K(std::size_t(s.R()) * s.HDh()), Vt(std::size_t(s.R()) * s.HDh()),
+          q(s.HDh()), S(std::size_t(s.R()) * s.H), W_OI(std::size_t(s.HDh()) * Padded<Real>(s).Fp),
+          W_OUh(std::size_t(s.HDh()) * Padded<Real>(s).Vp), c_bout(s.D), arena(arena_size(s)) {
+        const Padded<Real> pd(s);
+        const std::size_t R = s.R(), H = s.H, Fp = pd.Fp, Vp = pd.Vp, D = s.D, HDh = s.HDh();
+        Carver ex, bw;
+        const std::size_t o_W_OU = ex.take<Real>(Fp * Vp), o_W_OU_T = ex.take<Real>(Fp * Vp),
+                          o_U = ex.take<Real>((s.n + 2) * H * Fp), o_UU = ex.take<Real>((s.n + 2) * H * Vp),
+                          o_bp = ex.take<Real>(Fp), o_bl = ex.take<Real>(Vp);
+        const std::size_t o_dK = bw.take<Real>(R * HDh), o_dR = bw.take<Real>(R * D),
+                          o_dq = bw.take<Real>(HDh), o_dc = bw.take<Real>(D),
+                          o_T = bw.take<Real>(small_T_size(s));
+        Real* base = arena.data();
+        W_OU = base + o_W_OU, W_OU_T = base + o_W_OU_T, U_rest = base + o_U, UU_rest = base + o_UU;
+        base_pre = base + o_bp, base_logit = base + o_bl;
+        dK = base + o_dK, dR = base + o_dR, dq = base + o_dq, dc = base + o_dc, small_T = base + o_T;
+    }
+
+    static std::size_t small_T_size(const ModelShape& s) {
+        return std::size_t(std::max(s.D, s.V)) * std::max(s.D, s.Dh);
+    }
+
+    static std::size_t arena_size(const ModelShape& s) {
+        const Padded<Real> pd(s);
+        const std::size_t R = s.R(), H = s.H, Fp = pd.Fp, Vp = pd.Vp, D = s.D, HDh = s.HDh();
+        Carver ex, bw;
+        ex.take<Real>(Fp * Vp), ex.take<Real>(Fp * Vp), ex.take<Real>((s.n + 2) * H * Fp);
+        ex.take<Real>((s.n + 2) * H * Vp), ex.take<Real>(Fp), ex.take<Real>(Vp);
+        bw.take<Real>(R * HDh), bw.take<Real>(R * D), bw.take<Real>(HDh), bw.take<Real>(D);
+        bw.take<Real>(small_T_size(s));
+        return std::max(ex.used(), bw.used());
+    }
+
+    std::size_t bytes() const {
+        std::size_t count = 0;
+        for (const Buffer<Real>* b : {&R_tab, &K, &Vt, &q, &S, &W_OI, &W_OUh, &c_bout, &arena}) count += b->size();
+        return count * sizeof(Real);
+    }
+};
+
+// Gradients w.r.t. the per-step tables, summed over a range of examples.
+template <typename Real>
+struct ExampleGrads {
+    Buffer<Real> dU_rest;      // (n + 2, H, Fp)
+    Buffer<Real> dUU_rest;     // (n + 2, H, Vp)
+    Buffer<Real> dW_OU;        // (Fp, Vp)
+    Buffer<Real> dW_OI;        // (H, Dh, Fp) from the x rows so far
+    Buffer<Real> dW_OUh;       // (H, Dh, Vp) from the x rows so far
+    Buffer<Real> dVt;          // (R, H*Dh) x rows so far
+    Buffer<Real> dS;           // (R, H) w.r.t. the scaled scores
+    Buffer<Real> dbase_pre;    // (Fp)
+    Buffer<Real> dbase_logit;  // (Vp)
+    double loss = 0.0;         // sum of weighted example losses
+
+    explicit ExampleGrads(const ModelShape& s)
+        : dU_rest(std::size_t(s.n + 2) * s.H * Padded<Real>(s).Fp),
+          dUU_rest(std::size_t(s.n + 2) * s.H * Padded<Real>(s).Vp),
+          dW_OU(std::size_t(Padded<Real>(s).Fp) * Padded<Real>(s).Vp),
+          dW_OI(std::size_t(s.HDh()) * Padded<Real>(s).Fp), dW_OUh(std::size_t(s.HDh()) * Padded<Real>(s).Vp),
+          dVt(std::size_t(s.R()) * s.HDh()), dS(std::size_t(s.R()) * s.H), dbase_pre(Padded<Real>(s).Fp),
+          dbase_logit(Padded<Real>(s).Vp) {}
+
+    std::vector<Buffer<Real>*> buffers() {
+        return {&dU_rest, &dUU_rest, &dW_OU, &dW_OI, &dW_OUh, &dVt, &dS, &dbase_pre, &dbase_logit};
+    }
+
+    void zero() {
+        for (Buffer<Real>* b : buffers()) b->zero();
+        loss = 0.0;
+    }
+
+    void add(ExampleGrads& other) {
+        auto mine = buffers(), theirs = other.buffers();
+        for (std::size_t k = 0; k < mine.size(); ++k) {
+            Real* d = mine[k]->data();
+            const Real* s = theirs[k]->data();
+            for (std::size_t i = 0; i < mine[k]->size(); ++i) d[i] += s[i];
+        }
+        loss += other.loss;
+    }
+
+    std::size_t bytes() {
+        std::size_t count = 0;
+        for (Buffer<Real>* b : buffers()) count += b->size();
+        return count * sizeof(Real);
+    }
+};
+
+// Activations of one tile of examples and the x rows of the current block.
+template <typename Real>
+struct TileScratch {
+    Buffer<Real> a;        // (TILE, 4H) attention weights, index t * H + h
+    Buffer<Real> hidden;   // (TILE, Fp) relu(pre); hidden > 0 is the relu mask
+    Buffer<Real> logits;   // (TILE, Vp) logits, then dlogits in place
+    Buffer<Real> dhidden;  // (TILE, Fp)
+    Buffer<Real> U_x, dU_x;    // (X_BLOCK, H, Fp)
+    Buffer<Real> UU_x, dUU_x;  // (X_BLOCK, H, Vp)
+
+    explicit TileScratch(const ModelShape& s)
+        : a(TILE * s.J()), hidden(TILE * Padded<Real>(s).Fp), logits(TILE * Padded<Real>(s).Vp),
+          dhidden(TILE * Padded<Real>(s).Fp), U_x(X_BLOCK * s.H * Padded<Real>(s).Fp),
+          dU_x(X_BLOCK * s.H * Padded<Real>(s).Fp), UU_x(X_BLOCK * s.H * Padded<Real>(s).Vp),
+          dUU_x(X_BLOCK * s.H * Padded<Real>(s).Vp) {}
+
+    std::size_t bytes() const {
+        std::size_t count = 0;
+        for (const Buffer<Real>* b : {&a, &hidden, &logits, &dhidden, &U_x, &dU_x, &UU_x, &dUU_x}) count += b->size();
+        return count * sizeof(Real);
+    }
+};
+
+namespace {
+
+template <typename Real>
+void tables_forward(const ModelShape& s, const ParamPtrs<Real>& p, Workspace<Real>& ws) {
+    const int R = s.R(), D = s.D, H = s.H, Dh = s.Dh, HDh = s.HDh(), F = s.F, V = s.V, n = s.n;
+    const Padded<Real> pd(s);
+    const int Fp = pd.Fp, Vp = pd.Vp;
+    for (int r = 0; r < R; ++r) {
+        const Real* e = p.W_E + std::size_t(row_token(r, n)) * D;
+        const Real* pos = p.W_pos + std::size_t(row_pos(r, n)) * D;
+        Real* out = ws.R_tab.data() + std::size_t(r) * D;
+        for (int d = 0; d < D; ++d) out[d] = e[d] + pos[d];
+    }
+    const Real* c = ws.R_tab.data() + std::size_t(R - 1) * D;
+    for (int h = 0; h < H; ++h) {
+        const std::size_t w = std::size_t(h) * D * Dh;
+        gemm(R, Dh, D, ws.R_tab.data(), D, 1, p.W_K + w, Dh, ws.K.data() + h * Dh, HDh, false);
+        gemm(R, Dh, D, ws.R_tab.data(), D, 1, p.W_V + w, Dh, ws.Vt.data() + h * Dh, HDh, false);
+        gemm(1, Dh, D, c, D, 1, p.W_Q + w, Dh, ws.q.data() + h * Dh, HDh, false);
+    }
+    const Real scale = Real(1.0 / std::sqrt(double(Dh)));
+    for (int r = 0; r < R; ++r)
+        for (int h = 0; h < H; ++h) {
+            const Real* k = ws.K.data() + std::size_t(r) * HDh + h * Dh;
+            const Real* q = ws.q.data() + h * Dh;
+            Real dot = 0;
+            for (int e = 0; e < Dh; ++e) dot += k[e] * q[e];
+            ws.S.data()[r * H + h] = dot * scale;
+        }
+
+    // The padding columns (F..Fp, V..Vp) of every table must be zero; the
+    // GEMMs write only the first F or V columns, so clear them first.
+    std::fill(ws.arena.data(), ws.arena.data() + ws.arena.size(), Real(0));
+    for (int h = 0; h < H; ++h) {
+        const Real* W_O = p.W_O + std::size_t(h) * Dh * D;
+        gemm(Dh, F, D, W_O, D, 1, p.W_in, F, ws.W_OI.data() + std::size_t(h) * Dh * Fp, Fp, false);
+        gemm(Dh, V, D, W_O, D, 1, p.W_U, V, ws.W_OUh.data() + std::size_t(h) * Dh * Vp, Vp, false);
+    }
+    // Rows n.. of V_tab (operator, y, =) into U_rest and UU_rest.
+    for (int h = 0; h < H; ++h) {
+        const Real* Vt = ws.Vt.data() + std::size_t(n) * HDh + h * Dh;
+        gemm(n + 2, Fp, Dh, Vt, HDh, 1, ws.W_OI.data() + std::size_t(h) * Dh * Fp, Fp,
+             ws.U_rest + std::size_t(h) * Fp, std::ptrdiff_t(H) * Fp, false);
+        gemm(n + 2, Vp, Dh, Vt, HDh, 1, ws.W_OUh.data() + std::size_t(h) * Dh * Vp, Vp,
+             ws.UU_rest + std::size_t(h) * Vp, std::ptrdiff_t(H) * Vp, false);
+    }
+    gemm(F, V, D, p.W_out, D, 1, p.W_U, V, ws.W_OU, Vp, false);
+    transpose(Fp, Vp, ws.W_OU, Vp, ws.W_OU_T, Fp);
+
+    gemm(1, F, D, c, D, 1, p.W_in, F, ws.base_pre, Fp, false);
+    for (int f = 0; f < F; ++f) ws.base_pre[f] += p.b_in[f];
+    for (int d = 0; d < D; ++d) ws.c_bout.data()[d] = c[d] + p.b_out[d];
+    gemm(1, V, D, ws.c_bout.data(), D, 1, p.W_U, V, ws.base_logit, Vp, false);
 }
 
-void Engine::examples(const float* params, const Tables& tb, int m, int begin, int end,
-                      ExampleGrads& acc, TileScratch& tile) const {
-    const ModelShape& s = shape_;
-    const int n = s.n, H = s.H, J = s.J(), V = s.V, Fp = s.Fp(), Vp = s.Vp();
-    (void)params;
-    const float weight = static_cast<float>(1.0 / static_cast<double>(x_[m].size()));
-    const int32_t* xs = x_[m].data();
-    const int32_t* ys = y_[m].data();
-    const int32_t* labels = labels_[m].data();
-    const float* U = tb.U.data();
-    const float* UU = tb.UU.data();
-    const float* S = tb.S.data();
-    float* dU = acc.dU.data();
-    float* dUU = acc.dUU.data();
-    float* dS = acc.dS.data();
-    std::vector<const float*> u_rows(J), uu_rows(J);
-    std::vector<float*> du_rows(J), duu_rows(J);
-    std::vector<float> da(J);
-
-    for (int i0 = begin; i0 < end; i0 += TILE) {
-        const int count = std::min(TILE, end - i0);
-        // Forward up to the hidden layer; logits get their table part.
-        for (int i = 0; i < count; ++i) {
-            int* r = tile.rows.data() + 4 * i;
-            r[0] = xs[i0 + i];
-            r[1] = n;
-            r[2] = n + 1 + ys[i0 + i];
-            r[3] = 2 * n + 1;
-            float* a = tile.a.data() + std::size_t(i) * J;
-            for (int t = 0; t < 4; ++t)
-                for (int h = 0; h < H; ++h) a[t * H + h] = S[r[t] * H + h];
-            for (int h = 0; h < H; ++h) {
-                float smax = a[h];
-                for (int t = 1; t < 4; ++t) smax = std::max(smax, a[t * H + h]);
-                for (int t = 0; t < 4; ++t) a[t * H + h] -= smax;
-            }
-            exp_inplace(a, J);
-            for (int h = 0; h < H; ++h) {
-                const float sum = a[h] + a[H + h] + a[2 * H + h] + a[3 * H + h];
-                for (int t = 0; t < 4; ++t) a[t * H + h] /= sum;
-            }
-            for (int t = 0; t < 4; ++t)
-                for (int h = 0; h < H; ++h) {
-                    const std::size_t row = std::size_t(r[t]) * H + h;
-                    u_rows[t * H + h] = U + row * Fp;
-                    uu_rows[t * H + h] = UU + row * Vp;
-                }
-            combine_rows<true>(J, a, u_rows.data(), tb.base_pre.data(),
-                               tile.hidden.data() + std::size_t(i) * Fp, Fp);
-            combine_rows<false>(J, a, uu_rows.data(), tb.base_logit.data(),
-                                tile.logits.data() + std::size_t(i) * Vp, Vp);
+// out = base + sum_j a[j] * rows[j], len a multiple of the lane count; relu if asked.
+// Eight accumulators in flight hide the FMA latency of the 4H-long chains.
+template <bool Relu, typename Real>
+void combine_rows(int J, const Real* a, const Real* const* rows, const Real* base, Real* out, int len) {
+    using S = Simd<Real>;
+    constexpr int L = S::L;
+    int f = 0;
+    for (; f + 8 * L <= len; f += 8 * L) {
+        typename S::reg acc[8];
+        for (int u = 0; u < 8; ++u) acc[u] = S::load(base + f + u * L);
+        for (int j = 0; j < J; ++j) {
+            const Real* row = rows[j] + f;
+            const Real aj = a[j];
+            for (int u = 0; u < 8; ++u) acc[u] += aj * S::load(row + u * L);
         }
-        gemm(count, Vp, Fp, tile.hidden.data(), Fp, 1, tb.W_OU.data(), Vp, tile.logits.data(), Vp, true);
+        for (int u = 0; u < 8; ++u) S::store(out + f + u * L, Relu ? S::relu(acc[u]) : acc[u]);
+    }
+    for (; f < len; f += L) {
+        auto acc = S::load(base + f);
+        for (int j = 0; j < J; ++j) acc += a[j] * S::load(rows[j] + f);
+        S::store(out + f, Relu ? S::relu(acc) : acc);
+    }
+}
 
-        float tile_loss = 0.0f;
-        for (int i = 0; i < count; ++i)
-            tile_loss += weight * loss_and_dlogits(tile.logits.data() + std::size_t(i) * Vp, V, Vp,
-                                                   labels[i0 + i], weight);
-        acc.loss += tile_loss;
-
-        // Backward: W_OU's gradient, then dhidden through it.
-        gemm(Fp, Vp, count, tile.hidden.data(), 1, Fp, tile.logits.data(), Vp, acc.dW_OU.data(), Vp, true);
-        gemm(count, Fp, Vp, tile.logits.data(), Vp, 1, tb.W_OU_T.data(), Fp, tile.dhidden.data(), Fp, false);
-
-        for (int i = 0; i < count; ++i) {
-            const int* r = tile.rows.data() + 4 * i;
-            const float* a = tile.a.data() + std::size_t(i) * J;
-            const float* hidden = tile.hidden.data() + std::size_t(i) * Fp;
-            float* dpre = tile.dhidden.data() + std::size_t(i) * Fp;
-            const float* dlogits = tile.logits.data() + std::size_t(i) * Vp;
-            for (int f = 0; f < Fp; f += VL) {
-                const vreg g = load(hidden + f) > 0.0f ? load(dpre + f) : vreg{};
-                store(dpre + f, g);
-                store(acc.dbase_pre.data() + f, load(acc.dbase_pre.data() + f) + g);
+// For each j: da[j] += g . rows[j];  drows[j] += a[j] * g.  One pass over g.
+template <typename Real>
+void dot_and_scatter(int J, const Real* a, const Real* const* rows, Real* const* drows, const Real* g,
+                     int len, Real* da) {
+    using S = Simd<Real>;
+    constexpr int JMAX = 32;
+    typename S::reg dots[JMAX];
+    for (int j0 = 0; j0 < J; j0 += JMAX) {
+        const int jn = std::min(JMAX, J - j0);
+        for (int j = 0; j < jn; ++j) dots[j] = S::zero();
+        for (int f = 0; f < len; f += S::L) {
+            const auto gf = S::load(g + f);
+            for (int j = 0; j < jn; ++j) {
+                dots[j] += gf * S::load(rows[j0 + j] + f);
+                Real* dr = drows[j0 + j] + f;
+                S::store(dr, S::load(dr) + a[j0 + j] * gf);
             }
-            for (int v = 0; v < Vp; v += VL)
-                store(acc.dbase_logit.data() + v, load(acc.dbase_logit.data() + v) + load(dlogits + v));
+        }
+        for (int j = 0; j < jn; ++j) da[j0 + j] += S::hsum(dots[j]);
+    }
+}
+
+// Per-example cross-entropy of logits[0:V] against label, in the stable form
+// of fastgrok/model.py; writes weight * dloss/dlogits over logits[0:Vp]
+// (zero on the padding) and returns the unweighted loss.
+template <typename Real>
+Real loss_and_dlogits(Real* z, int V, int Vp, int label, Real weight) {
+    Real zmax = z[0];
+    for (int v = 1; v < V; ++v) zmax = std::max(zmax, z[v]);
+    const Real zy = z[label] - zmax;
+    for (int v = 0; v < V; ++v) z[v] -= zmax;
+    exp_inplace(z, V);
+    const Real ey = z[label];
+    z[label] = 0;
+    Real other = 0;
+    for (int v = 0; v < V; ++v) other += z[v];
+    const Real total = other + ey;
+    // Where y is the argmax the loss is log1p(other), exact for a tiny other.
+    const Real loss = zy == Real(0) ? std::log1p(other) : std::log(total) - zy;
+    for (int v = 0; v < V; ++v) z[v] = z[v] / total * weight;
+    z[label] = -other / total * weight;  // -(sum of the others), never p_y - 1
+    for (int v = V; v < Vp; ++v) z[v] = 0;
+    return loss;
+}
+
+}  // namespace
+
+template <typename Real>
+Engine<Real>::Engine(const ModelShape& shape, const TrainingSet& data)
+    : shape_(shape), layout_(shape), data_(data) {}
+
+template <typename Real>
+Engine<Real>::~Engine() = default;
+
+template <typename Real>
+std::size_t Engine<Real>::scratch_bytes() const {
+    std::size_t bytes = 0;
+    for (auto& w : workspaces_) bytes += w->bytes();
+    for (auto& g : shard_grads_) bytes += g->bytes();
+    for (auto& t : tiles_) bytes += t->bytes();
+    return bytes;
+}
+
+template <typename Real>
+void Engine<Real>::examples(int m, int block_begin, int block_end, const Workspace<Real>& ws,
+                            ExampleGrads<Real>& acc, TileScratch<Real>& tile) const {
+    using S = Simd<Real>;
+    const ModelShape& s = shape_;
+    const int n = s.n, H = s.H, Dh = s.Dh, HDh = s.HDh(), J = s.J(), V = s.V;
+    const Padded<Real> pd(s);
+    const int Fp = pd.Fp, Vp = pd.Vp;
+    const Real weight = Real(1.0 / double(data_.x[m].size()));
+    const int32_t* xs = data_.x[m].data();
+    const int32_t* ys = data_.y[m].data();
+    const int32_t* labels = data_.labels[m].data();
+    const Real* Sc = ws.S.data();
+    Real* dS = acc.dS.data();
+    std::vector<const Real*> u_rows(J), uu_rows(J);
+    std::vector<Real*> du_rows(J), duu_rows(J);
+    std::vector<Real> da(J);
+    std::vector<int> rows(4 * TILE);
+    const std::size_t row_F = std::size_t(H) * Fp, row_V = std::size_t(H) * Vp;
+
+    for (int b = block_begin; b < block_end; ++b) {
+        const int begin = data_.block_start[m][b], end = data_.block_start[m][b + 1];
+        if (begin == end) continue;
+        const int x0 = b * X_BLOCK, xn = std::min(X_BLOCK, n - x0);
+        const Real* Vt_x = ws.Vt.data() + std::size_t(x0) * HDh;
+        for (int h = 0; h < H; ++h) {
+            gemm(xn, Fp, Dh, Vt_x + h * Dh, HDh, 1, ws.W_OI.data() + std::size_t(h) * Dh * Fp, Fp,
+                 tile.U_x.data() + std::size_t(h) * Fp, std::ptrdiff_t(row_F), false);
+            gemm(xn, Vp, Dh, Vt_x + h * Dh, HDh, 1, ws.W_OUh.data() + std::size_t(h) * Dh * Vp, Vp,
+                 tile.UU_x.data() + std::size_t(h) * Vp, std::ptrdiff_t(row_V), false);
+        }
+        std::fill(tile.dU_x.data(), tile.dU_x.data() + xn * row_F, Real(0));
+        std::fill(tile.dUU_x.data(), tile.dUU_x.data() + xn * row_V, Real(0));
+        // Where each position's row lives: x rows in the block buffers, the rest in the tables.
+        auto point_rows = [&](const int* r) {
             for (int t = 0; t < 4; ++t)
                 for (int h = 0; h < H; ++h) {
-                    const std::size_t row = std::size_t(r[t]) * H + h;
-                    u_rows[t * H + h] = U + row * Fp;
-                    uu_rows[t * H + h] = UU + row * Vp;
-                    du_rows[t * H + h] = dU + row * Fp;
-                    duu_rows[t * H + h] = dUU + row * Vp;
+                    const int j = t * H + h;
+                    const std::size_t i = t == 0 ? std::size_t(r[0] - x0) : std::size_t(r[t] - n);
+                    if (t == 0) {
+                        u_rows[j] = tile.U_x.data() + i * row_F + h * Fp;
+                        uu_rows[j] = tile.UU_x.data() + i * row_V + h * Vp;
+                        du_rows[j] = tile.dU_x.data() + i * row_F + h * Fp;
+                        duu_rows[j] = tile.dUU_x.data() + i * row_V + h * Vp;
+                    } else {
+                        u_rows[j] = ws.U_rest + i * row_F + h * Fp;
+                        uu_rows[j] = ws.UU_rest + i * row_V + h * Vp;
+                        du_rows[j] = acc.dU_rest.data() + i * row_F + h * Fp;
+                        duu_rows[j] = acc.dUU_rest.data() + i * row_V + h * Vp;
+                    }
                 }
-            std::fill(da.begin(), da.end(), 0.0f);
-            dot_and_scatter(J, a, u_rows.data(), du_rows.data(), dpre, Fp, da.data());
-            dot_and_scatter(J, a, uu_rows.data(), duu_rows.data(), dlogits, Vp, da.data());
-            // Softmax over the 4 positions, per head.
-            for (int h = 0; h < H; ++h) {
-                float mean = 0.0f;
-                for (int t = 0; t < 4; ++t) mean += a[t * H + h] * da[t * H + h];
-                for (int t = 0; t < 4; ++t) dS[r[t] * H + h] += a[t * H + h] * (da[t * H + h] - mean);
+        };
+
+        for (int i0 = begin; i0 < end; i0 += TILE) {
+            const int count = std::min(TILE, end - i0);
+            // Forward up to the hidden layer; the logits get their table part.
+            for (int i = 0; i < count; ++i) {
+                int* r = rows.data() + 4 * i;
+                r[0] = xs[i0 + i];
+                r[1] = n;
+                r[2] = n + 1 + ys[i0 + i];
+                r[3] = 2 * n + 1;
+                Real* a = tile.a.data() + std::size_t(i) * J;
+                for (int t = 0; t < 4; ++t)
+                    for (int h = 0; h < H; ++h) a[t * H + h] = Sc[r[t] * H + h];
+                for (int h = 0; h < H; ++h) {
+                    Real smax = a[h];
+                    for (int t = 1; t < 4; ++t) smax = std::max(smax, a[t * H + h]);
+                    for (int t = 0; t < 4; ++t) a[t * H + h] -= smax;
+                }
+                exp_inplace(a, J);
+                for (int h = 0; h < H; ++h) {
+                    const Real sum = a[h] + a[H + h] + a[2 * H + h] + a[3 * H + h];
+                    for (int t = 0; t < 4; ++t) a[t * H + h] /= sum;
+                }
+                point_rows(r);
+                combine_rows<true>(J, a, u_rows.data(), ws.base_pre, tile.hidden.data() + std::size_t(i) * Fp, Fp);
+                combine_rows<false>(J, a, uu_rows.data(), ws.base_logit, tile.logits.data() + std::size_t(i) * Vp, Vp);
             }
+            gemm(count, Vp, Fp, tile.hidden.data(), Fp, 1, ws.W_OU, Vp, tile.logits.data(), Vp, true);
+
+            double tile_loss = 0.0;
+            for (int i = 0; i < count; ++i)
+                tile_loss += double(weight * loss_and_dlogits(tile.logits.data() + std::size_t(i) * Vp, V, Vp,
+                                                              labels[i0 + i], weight));
+            acc.loss += tile_loss;
+
+            // Backward: W_OU's gradient, then dhidden through it.
+            gemm(Fp, Vp, count, tile.hidden.data(), 1, Fp, tile.logits.data(), Vp, acc.dW_OU.data(), Vp, true);
+            gemm(count, Fp, Vp, tile.logits.data(), Vp, 1, ws.W_OU_T, Fp, tile.dhidden.data(), Fp, false);
+
+            for (int i = 0; i < count; ++i) {
+                const int* r = rows.data() + 4 * i;
+                const Real* a = tile.a.data() + std::size_t(i) * J;
+                const Real* hidden = tile.hidden.data() + std::size_t(i) * Fp;
+                Real* dpre = tile.dhidden.data() + std::size_t(i) * Fp;
+                const Real* dlogits = tile.logits.data() + std::size_t(i) * Vp;
+                for (int f = 0; f < Fp; f += S::L) {
+                    const auto g = S::load(hidden + f) > Real(0) ? S::load(dpre + f) : S::zero();
+                    S::store(dpre + f, g);
+                    S::store(acc.dbase_pre.data() + f, S::load(acc.dbase_pre.data() + f) + g);
+                }
+                for (int v = 0; v < Vp; v += S::L)
+                    S::store(acc.dbase_logit.data() + v, S::load(acc.dbase_logit.data() + v) + S::load(dlogits + v));
+                point_rows(r);
+                std::fill(da.begin(), da.end(), Real(0));
+                dot_and_scatter(J, a, u_rows.data(), du_rows.data(), dpre, Fp, da.data());
+                dot_and_scatter(J, a, uu_rows.data(), duu_rows.data(), dlogits, Vp, da.data());
+                // Softmax over the 4 positions, per head.
+                for (int h = 0; h < H; ++h) {
+                    Real mean = 0;
+                    for (int t = 0; t < 4; ++t) mean += a[t * H + h] * da[t * H + h];
+                    for (int t = 0; t < 4; ++t) dS[r[t] * H + h] += a[t * H + h] * (da[t * H + h] - mean);
+                }
+            }
+        }
+
+        // The block's x rows of U and UU into gradients of V_tab, W_OI and W_OUh.
+        for (int h = 0; h < H; ++h) {
+            const Real* dU_x = tile.dU_x.data() + std::size_t(h) * Fp;
+            const Real* dUU_x = tile.dUU_x.data() + std::size_t(h) * Vp;
+            gemm(Dh, Fp, xn, Vt_x + h * Dh, 1, HDh, dU_x, std::ptrdiff_t(row_F),
+                 acc.dW_OI.data() + std::size_t(h) * Dh * Fp, Fp, true);
+            gemm(Dh, Vp, xn, Vt_x + h * Dh, 1, HDh, dUU_x, std::ptrdiff_t(row_V),
+                 acc.dW_OUh.data() + std::size_t(h) * Dh * Vp, Vp, true);
+            Real* dVt_x = acc.dVt.data() + std::size_t(x0) * HDh + h * Dh;
+            gemm_nt(xn, Dh, Fp, dU_x, std::ptrdiff_t(row_F), ws.W_OI.data() + std::size_t(h) * Dh * Fp, Fp,
+                    dVt_x, HDh, true);
+            gemm_nt(xn, Dh, Vp, dUU_x, std::ptrdiff_t(row_V), ws.W_OUh.data() + std::size_t(h) * Dh * Vp, Vp,
+                    dVt_x, HDh, true);
         }
     }
 }
 
 namespace {
 
-void tables_backward(const ModelShape& s, const ParamPtrs& p, const Tables& tb,
-                     const ExampleGrads& acc, BackwardScratch& bw, const GradPtrs& g) {
-    const int R = s.R(), D = s.D, H = s.H, Dh = s.Dh, HDh = s.HDh(), F = s.F, V = s.V;
-    const int Fp = s.Fp(), Vp = s.Vp();
-    const float* c = tb.R_tab.data() + std::size_t(R - 1) * D;
+template <typename Real>
+void tables_backward(const ModelShape& s, const ParamPtrs<Real>& p, Workspace<Real>& ws,
+                     ExampleGrads<Real>& acc, const ParamPtrs<Real>& g) {
+    const int R = s.R(), D = s.D, H = s.H, Dh = s.Dh, HDh = s.HDh(), F = s.F, V = s.V, n = s.n;
+    const Padded<Real> pd(s);
+    const int Fp = pd.Fp, Vp = pd.Vp;
+    const Real* c = ws.R_tab.data() + std::size_t(R - 1) * D;
 
-    // Through U = V_tab W_OI and UU = V_tab W_OUh.
+    // Rows n.. of V_tab through U_rest = V_tab W_OI and UU_rest = V_tab W_OUh.
     for (int h = 0; h < H; ++h) {
-        const float* W_OI = tb.W_OI.data() + std::size_t(h) * Dh * Fp;
-        const float* W_OUh = tb.W_OUh.data() + std::size_t(h) * Dh * Vp;
-        const float* dU = acc.dU.data() + std::size_t(h) * Fp;
-        const float* dUU = acc.dUU.data() + std::size_t(h) * Vp;
-        const float* Vt = tb.Vt.data() + h * Dh;
-        transpose(Dh, Fp, W_OI, Fp, bw.head_T.data(), Dh);
-        gemm(R, Dh, Fp, dU, std::ptrdiff_t(H) * Fp, 1, bw.head_T.data(), Dh, bw.dVt.data() + h * Dh, HDh, false);
-        transpose(Dh, Vp, W_OUh, Vp, bw.head_T.data(), Dh);
-        gemm(R, Dh, Vp, dUU, std::ptrdiff_t(H) * Vp, 1, bw.head_T.data(), Dh, bw.dVt.data() + h * Dh, HDh, true);
-        gemm(Dh, Fp, R, Vt, 1, HDh, dU, std::ptrdiff_t(H) * Fp, bw.dW_OI.data() + std::size_t(h) * Dh * Fp, Fp, false);
-        gemm(Dh, Vp, R, Vt, 1, HDh, dUU, std::ptrdiff_t(H) * Vp, bw.dW_OUh.data() + std::size_t(h) * Dh * Vp, Vp, false);
+        const Real* W_OI = ws.W_OI.data() + std::size_t(h) * Dh * Fp;
+        const Real* W_OUh = ws.W_OUh.data() + std::size_t(h) * Dh * Vp;
+        const Real* dU = acc.dU_rest.data() + std::size_t(h) * Fp;
+        const Real* dUU = acc.dUU_rest.data() + std::size_t(h) * Vp;
+        const Real* Vt = ws.Vt.data() + std::size_t(n) * HDh + h * Dh;
+        Real* dVt = acc.dVt.data() + std::size_t(n) * HDh + h * Dh;
+        gemm_nt(n + 2, Dh, Fp, dU, std::ptrdiff_t(H) * Fp, W_OI, Fp, dVt, HDh, false);
+        gemm_nt(n + 2, Dh, Vp, dUU, std::ptrdiff_t(H) * Vp, W_OUh, Vp, dVt, HDh, true);
+        gemm(Dh, Fp, n + 2, Vt, 1, HDh, dU, std::ptrdiff_t(H) * Fp, acc.dW_OI.data() + std::size_t(h) * Dh * Fp, Fp, true);
+        gemm(Dh, Vp, n + 2, Vt, 1, HDh, dUU, std::ptrdiff_t(H) * Vp, acc.dW_OUh.data() + std::size_t(h) * Dh * Vp, Vp, true);
     }
 
     // Through W_OI = W_O W_in, W_OUh = W_O W_U, W_OU = W_out W_U and the bases.
-    transpose(D, F, p.W_in, F, bw.W_in_T.data(), D);
-    transpose(D, V, p.W_U, V, bw.W_U_T.data(), D);
     for (int h = 0; h < H; ++h) {
-        float* gW_O = g.W_O + std::size_t(h) * Dh * D;
-        gemm(Dh, D, F, bw.dW_OI.data() + std::size_t(h) * Dh * Fp, Fp, 1, bw.W_in_T.data(), D, gW_O, D, false);
-        gemm(Dh, D, V, bw.dW_OUh.data() + std::size_t(h) * Dh * Vp, Vp, 1, bw.W_U_T.data(), D, gW_O, D, true);
-        const float* W_O = p.W_O + std::size_t(h) * Dh * D;
-        gemm(D, F, Dh, W_O, 1, D, bw.dW_OI.data() + std::size_t(h) * Dh * Fp, Fp, g.W_in, F, h > 0);
-        gemm(D, V, Dh, W_O, 1, D, bw.dW_OUh.data() + std::size_t(h) * Dh * Vp, Vp, g.W_U, V, h > 0);
+        Real* gW_O = g.W_O + std::size_t(h) * Dh * D;
+        const Real* dW_OI = acc.dW_OI.data() + std::size_t(h) * Dh * Fp;
+        const Real* dW_OUh = acc.dW_OUh.data() + std::size_t(h) * Dh * Vp;
+        gemm_nt(Dh, D, F, dW_OI, Fp, p.W_in, F, gW_O, D, false);
+        gemm_nt(Dh, D, V, dW_OUh, Vp, p.W_U, V, gW_O, D, true);
+        const Real* W_O = p.W_O + std::size_t(h) * Dh * D;
+        gemm(D, F, Dh, W_O, 1, D, dW_OI, Fp, g.W_in, F, h > 0);
+        gemm(D, V, Dh, W_O, 1, D, dW_OUh, Vp, g.W_U, V, h > 0);
     }
     gemm(D, F, 1, c, 1, 1, acc.dbase_pre.data(), Fp, g.W_in, F, true);
     std::copy(acc.dbase_pre.data(), acc.dbase_pre.data() + F, g.b_in);
     gemm(D, V, F, p.W_out, 1, D, acc.dW_OU.data(), Vp, g.W_U, V, true);
-    gemm(D, V, 1, tb.c_bout.data(), 1, 1, acc.dbase_logit.data(), Vp, g.W_U, V, true);
-    gemm(F, D, V, acc.dW_OU.data(), Vp, 1, bw.W_U_T.data(), D, g.W_out, D, false);
+    gemm(D, V, 1, ws.c_bout.data(), 1, 1, acc.dbase_logit.data(), Vp, g.W_U, V, true);
+    Real* W_U_T = ws.small_T;  // (V, D): W_out's gradient has a short inner dimension V
+    transpose(D, V, p.W_U, V, W_U_T, D);
+    gemm(F, D, V, acc.dW_OU.data(), Vp, 1, W_U_T, D, g.W_out, D, false);
     // b_out and c receive dlogits @ W_U^T summed over examples; c also dpre @ W_in^T.
-    gemm(1, D, V, acc.dbase_logit.data(), Vp, 1, bw.W_U_T.data(), D, g.b_out, D, false);
-    gemm(1, D, F, acc.dbase_pre.data(), Fp, 1, bw.W_in_T.data(), D, bw.dc.data(), D, false);
-    for (int d = 0; d < D; ++d) bw.dc.data()[d] += g.b_out[d];
+    gemm(1, D, V, acc.dbase_logit.data(), Vp, 1, W_U_T, D, g.b_out, D, false);
+    gemm_nt(1, D, F, acc.dbase_pre.data(), Fp, p.W_in, F, ws.dc, D, false);
+    for (int d = 0; d < D; ++d) ws.dc[d] += g.b_out[d];
 
     // Scores S = K q / sqrt(Dh), K = R_tab W_K, V_tab = R_tab W_V, q = c W_Q.
-    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(Dh)));
-    std::fill(bw.dq.data(), bw.dq.data() + HDh, 0.0f);
+    const Real scale = Real(1.0 / std::sqrt(double(Dh)));
+    std::fill(ws.dq, ws.dq + HDh, Real(0));
     for (int r = 0; r < R; ++r)
         for (int h = 0; h < H; ++h) {
-            const float ds = acc.dS.data()[r * H + h] * scale;
-            const float* k = tb.K.data() + std::size_t(r) * HDh + h * Dh;
-            const float* q = tb.q.data() + h * Dh;
-            float* dk = bw.dK.data() + std::size_t(r) * HDh + h * Dh;
-            float* dq = bw.dq.data() + h * Dh;
+            const Real ds = acc.dS.data()[r * H + h] * scale;
+            const Real* k = ws.K.data() + std::size_t(r) * HDh + h * Dh;
+            const Real* q = ws.q.data() + h * Dh;
+            Real* dk = ws.dK + std::size_t(r) * HDh + h * Dh;
+            Real* dq = ws.dq + h * Dh;
             for (int e = 0; e < Dh; ++e) {
                 dk[e] = ds * q[e];
                 dq[e] += ds * k[e];
             }
         }
+    const Real* dVt = acc.dVt.data();
     for (int h = 0; h < H; ++h) {
         const std::size_t w = std::size_t(h) * D * Dh;
-        gemm(D, Dh, R, tb.R_tab.data(), 1, D, bw.dK.data() + h * Dh, HDh, g.W_K + w, Dh, false);
-        gemm(D, Dh, R, tb.R_tab.data(), 1, D, bw.dVt.data() + h * Dh, HDh, g.W_V + w, Dh, false);
-        gemm(D, Dh, 1, c, 1, 1, bw.dq.data() + h * Dh, Dh, g.W_Q + w, Dh, false);
-        transpose(D, Dh, p.W_K + w, Dh, bw.head_T.data(), D);
-        gemm(R, D, Dh, bw.dK.data() + h * Dh, HDh, 1, bw.head_T.data(), D, bw.dR.data(), D, h > 0);
-        transpose(D, Dh, p.W_V + w, Dh, bw.head_T.data(), D);
-        gemm(R, D, Dh, bw.dVt.data() + h * Dh, HDh, 1, bw.head_T.data(), D, bw.dR.data(), D, true);
-        transpose(D, Dh, p.W_Q + w, Dh, bw.head_T.data(), D);
-        gemm(1, D, Dh, bw.dq.data() + h * Dh, Dh, 1, bw.head_T.data(), D, bw.dR.data() + std::size_t(R - 1) * D, D, true);
+        gemm(D, Dh, R, ws.R_tab.data(), 1, D, ws.dK + h * Dh, HDh, g.W_K + w, Dh, false);
+        gemm(D, Dh, R, ws.R_tab.data(), 1, D, dVt + h * Dh, HDh, g.W_V + w, Dh, false);
+        gemm(D, Dh, 1, c, 1, 1, ws.dq + h * Dh, Dh, g.W_Q + w, Dh, false);
+        transpose(D, Dh, p.W_K + w, Dh, ws.small_T, D);
+        gemm(R, D, Dh, ws.dK + h * Dh, HDh, 1, ws.small_T, D, ws.dR, D, h > 0);
+        transpose(D, Dh, p.W_V + w, Dh, ws.small_T, D);
+        gemm(R, D, Dh, dVt + h * Dh, HDh, 1, ws.small_T, D, ws.dR, D, true);
+        transpose(D, Dh, p.W_Q + w, Dh, ws.small_T, D);
+        gemm(1, D, Dh, ws.dq + h * Dh, Dh, 1, ws.small_T, D, ws.dR + std::size_t(R - 1) * D, D, true);
     }
-    float* dR_eq = bw.dR.data() + std::size_t(R - 1) * D;
-    for (int d = 0; d < D; ++d) dR_eq[d] += bw.dc.data()[d];
+    Real* dR_eq = ws.dR + std::size_t(R - 1) * D;
+    for (int d = 0; d < D; ++d) dR_eq[d] += ws.dc[d];
 
     // Rows back onto the embeddings: W_E[token(r)] and W_pos[pos(r)].
-    std::fill(g.W_E, g.W_E + std::size_t(V) * D, 0.0f);
-    std::fill(g.W_pos, g.W_pos + std::size_t(4) * D, 0.0f);
+    std::fill(g.W_E, g.W_E + std::size_t(V) * D, Real(0));
+    std::fill(g.W_pos, g.W_pos + std::size_t(4) * D, Real(0));
     for (int r = 0; r < R; ++r) {
-        const float* dr = bw.dR.data() + std::size_t(r) * D;
-        float* ge = g.W_E + std::size_t(row_token(r, s.n)) * D;
-        float* gp = g.W_pos + std::size_t(row_pos(r, s.n)) * D;
+        const Real* dr = ws.dR + std::size_t(r) * D;
+        Real* ge = g.W_E + std::size_t(row_token(r, n)) * D;
+        Real* gp = g.W_pos + std::size_t(row_pos(r, n)) * D;
         for (int d = 0; d < D; ++d) {
             ge[d] += dr[d];
             gp[d] += dr[d];
@@ -575,52 +709,54 @@ void tables_backward(const ModelShape& s, const ParamPtrs& p, const Tables& tb,
     }
 }
 
-// torch.optim.AdamW's update (decoupled decay, bias corrections) of one model.
-void adamw(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, std::size_t P,
-           double lr, double weight_decay, const AdamWArgs& a) {
-    const double bias_correction1 = 1.0 - std::pow(a.beta1, static_cast<double>(a.step));
-    const double bias_correction2 = 1.0 - std::pow(a.beta2, static_cast<double>(a.step));
-    const float decay = static_cast<float>(1.0 - lr * weight_decay);
-    const float one_minus_b1 = static_cast<float>(1.0 - a.beta1);
-    const float b2 = static_cast<float>(a.beta2), one_minus_b2 = static_cast<float>(1.0 - a.beta2);
-    const float step_size = static_cast<float>(lr / bias_correction1);
-    const float bc2_sqrt = static_cast<float>(std::sqrt(bias_correction2));
-    const float eps = static_cast<float>(a.eps);
+// torch.optim.AdamW's update of one model: decoupled decay, then Adam with
+// bias corrections; scalars are formed in double and applied in Real.
+template <typename Real>
+void adamw(Real* param, const Real* grad, Real* exp_avg, Real* exp_avg_sq, std::size_t P, double lr,
+           double weight_decay, const AdamWArgs& a) {
+    const double bias_correction1 = 1.0 - std::pow(a.beta1, double(a.step));
+    const double bias_correction2 = 1.0 - std::pow(a.beta2, double(a.step));
+    const Real decay = Real(1.0 - lr * weight_decay);
+    const Real one_minus_b1 = Real(1.0 - a.beta1);
+    const Real b2 = Real(a.beta2), one_minus_b2 = Real(1.0 - a.beta2);
+    const Real step_size = Real(lr / bias_correction1);
+    const Real bc2_sqrt = Real(std::sqrt(bias_correction2));
+    const Real eps = Real(a.eps);
     for (std::size_t i = 0; i < P; ++i) {
-        const float g = grad[i];
-        const float m = exp_avg[i] + one_minus_b1 * (g - exp_avg[i]);
-        const float v = exp_avg_sq[i] * b2 + one_minus_b2 * g * g;
+        const Real g = grad[i];
+        const Real m = exp_avg[i] + one_minus_b1 * (g - exp_avg[i]);
+        const Real v = exp_avg_sq[i] * b2 + one_minus_b2 * g * g;
         exp_avg[i] = m;
         exp_avg_sq[i] = v;
-        const float denom = std::sqrt(v) / bc2_sqrt + eps;
+        const Real denom = std::sqrt(v) / bc2_sqrt + eps;
         param[i] = param[i] * decay - step_size * (m / denom);
     }
 }
 
 }  // namespace
 
-void Engine::finish_model(int m, float* params, float* grads, float* exp_avg, float* exp_avg_sq,
-                          const AdamWArgs* adamw_args, const ExampleGrads& acc, Workspace& ws,
-                          StepOutput out) const {
+template <typename Real>
+void Engine<Real>::finish_model(int m, Real* params, Real* grads, Real* exp_avg, Real* exp_avg_sq,
+                                const AdamWArgs* adamw_args, ExampleGrads<Real>& acc,
+                                Workspace<Real>& ws, StepOutput out) const {
     const std::size_t P = layout_.P, off = std::size_t(m) * P;
-    tables_backward(shape_, ParamPtrs(params + off, layout_), ws.tables, acc, ws.backward,
-                    GradPtrs(grads + off, layout_));
-    const float loss = static_cast<float>(acc.loss);
+    tables_backward(shape_, ParamPtrs<Real>(params + off, layout_), ws, acc, ParamPtrs<Real>(grads + off, layout_));
     // g - g is 0 for every finite g and NaN otherwise: one vectorisable pass.
-    float nonfinite = 0.0f;
-    const float* g = grads + off;
+    Real nonfinite = 0;
+    const Real* g = grads + off;
     for (std::size_t i = 0; i < P; ++i) nonfinite += g[i] - g[i];
-    const bool finite = std::isfinite(loss) && nonfinite == 0.0f;
-    out.loss[m] = loss;
+    const bool finite = std::isfinite(acc.loss) && nonfinite == Real(0);
+    out.loss[m] = acc.loss;
     out.finite[m] = finite;
     if (adamw_args != nullptr && finite && !adamw_args->frozen[m])
         adamw(params + off, grads + off, exp_avg + off, exp_avg_sq + off, P, adamw_args->lr[m],
               adamw_args->weight_decay[m], *adamw_args);
 }
 
-void Engine::step(float* params, float* grads, float* exp_avg, float* exp_avg_sq,
-                  const AdamWArgs* adamw_args, int n_threads, StepOutput out) {
-    const int M = M_;
+template <typename Real>
+void Engine<Real>::step(Real* params, Real* grads, Real* exp_avg, Real* exp_avg_sq,
+                        const AdamWArgs* adamw_args, int n_threads, StepOutput out) {
+    const int M = data_.M;
 #ifdef _OPENMP
     const int threads = std::max(1, n_threads);
 #else
@@ -628,66 +764,53 @@ void Engine::step(float* params, float* grads, float* exp_avg, float* exp_avg_sq
     (void)n_threads;
 #endif
     const std::size_t P = layout_.P;
+    const int blocks = data_.blocks();
 
     if (M >= threads) {
         // Whole models per thread.
-        while (int(workspaces_.size()) < threads) workspaces_.push_back(std::make_unique<Workspace>(shape_));
-        while (int(tiles_.size()) < threads) tiles_.push_back(std::make_unique<TileScratch>(shape_));
+        while (int(workspaces_.size()) < threads) workspaces_.push_back(std::make_unique<Workspace<Real>>(shape_));
+        while (int(shard_grads_.size()) < threads) shard_grads_.push_back(std::make_unique<ExampleGrads<Real>>(shape_));
+        while (int(tiles_.size()) < threads) tiles_.push_back(std::make_unique<TileScratch<Real>>(shape_));
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
         for (int m = 0; m < M; ++m) {
-#ifdef _OPENMP
-            const int tid = omp_get_thread_num();
-#else
-            const int tid = 0;
-#endif
-            Workspace& ws = *workspaces_[tid];
-            const ParamPtrs p(params + std::size_t(m) * P, layout_);
-            tables_forward(shape_, p, ws.tables);
-            ws.grads.zero();
-            examples(params + std::size_t(m) * P, ws.tables, m, 0, int(x_[m].size()), ws.grads, *tiles_[tid]);
-            finish_model(m, params, grads, exp_avg, exp_avg_sq, adamw_args, ws.grads, ws, out);
+            const int tid = thread_id();
+            Workspace<Real>& ws = *workspaces_[tid];
+            ExampleGrads<Real>& acc = *shard_grads_[tid];
+            tables_forward(shape_, ParamPtrs<Real>(params + std::size_t(m) * P, layout_), ws);
+            acc.zero();
+            examples(m, 0, blocks, ws, acc, *tiles_[tid]);
+            finish_model(m, params, grads, exp_avg, exp_avg_sq, adamw_args, acc, ws, out);
         }
         return;
     }
 
-    // Fewer models than threads: shards of examples per model.
-    const int shards = (threads + M - 1) / M;
-    while (int(workspaces_.size()) < M) workspaces_.push_back(std::make_unique<Workspace>(shape_));
-    while (int(shard_grads_.size()) < M * (shards - 1))
-        shard_grads_.push_back(std::make_unique<ExampleGrads>(shape_));
-    while (int(tiles_.size()) < threads) tiles_.push_back(std::make_unique<TileScratch>(shape_));
-    auto shard_acc = [&](int m, int s) -> ExampleGrads& {
-        return s == 0 ? workspaces_[m]->grads : *shard_grads_[std::size_t(m) * (shards - 1) + s - 1];
-    };
+    // Fewer models than threads: shards of x blocks per model.
+    const int shards = std::min((threads + M - 1) / M, blocks);
+    while (int(workspaces_.size()) < M) workspaces_.push_back(std::make_unique<Workspace<Real>>(shape_));
+    while (int(shard_grads_.size()) < M * shards) shard_grads_.push_back(std::make_unique<ExampleGrads<Real>>(shape_));
+    while (int(tiles_.size()) < threads) tiles_.push_back(std::make_unique<TileScratch<Real>>(shape_));
 #pragma omp parallel num_threads(threads)
     {
-#ifdef _OPENMP
-        const int tid = omp_get_thread_num();
-#else
-        const int tid = 0;
-#endif
 #pragma omp for schedule(dynamic, 1)
         for (int m = 0; m < M; ++m)
-            tables_forward(shape_, ParamPtrs(params + std::size_t(m) * P, layout_), workspaces_[m]->tables);
+            tables_forward(shape_, ParamPtrs<Real>(params + std::size_t(m) * P, layout_), *workspaces_[m]);
 #pragma omp for schedule(dynamic, 1)
         for (int item = 0; item < M * shards; ++item) {
             const int m = item / shards, s = item % shards;
-            const int D = int(x_[m].size());
-            // Shard boundaries on tile multiples keep the tiles full.
-            const int tiles = (D + TILE - 1) / TILE;
-            const int begin = std::min(D, tiles * s / shards * TILE);
-            const int end = std::min(D, tiles * (s + 1) / shards * TILE);
-            ExampleGrads& acc = shard_acc(m, s);
+            ExampleGrads<Real>& acc = *shard_grads_[item];
             acc.zero();
-            examples(params + std::size_t(m) * P, workspaces_[m]->tables, m, begin, end, acc, *tiles_[tid]);
+            examples(m, blocks * s / shards, blocks * (s + 1) / shards, *workspaces_[m], acc, *tiles_[thread_id()]);
         }
 #pragma omp for schedule(dynamic, 1)
         for (int m = 0; m < M; ++m) {
-            ExampleGrads& acc = shard_acc(m, 0);
-            for (int s = 1; s < shards; ++s) acc.add(shard_acc(m, s));
+            ExampleGrads<Real>& acc = *shard_grads_[std::size_t(m) * shards];
+            for (int s = 1; s < shards; ++s) acc.add(*shard_grads_[std::size_t(m) * shards + s]);
             finish_model(m, params, grads, exp_avg, exp_avg_sq, adamw_args, acc, *workspaces_[m], out);
         }
     }
 }
+
+template class Engine<float>;
+template class Engine<double>;
 
 }  // namespace fastgrok

@@ -27,8 +27,6 @@ struct ModelShape {
     int R() const { return 2 * n + 2; }
     int HDh() const { return H * Dh; }
     int J() const { return 4 * H; }  // attention weights per example: 4 positions x H heads
-    int Fp() const;
-    int Vp() const;
 };
 
 // Offsets of each parameter in a model's flat vector, in PARAM_NAMES order.
@@ -37,30 +35,19 @@ struct ParamLayout {
     std::size_t W_E, W_pos, W_Q, W_K, W_V, W_O, W_in, b_in, W_out, b_out, W_U, P;
 };
 
-// A 64-byte aligned float array, zero-initialised.
-class Buffer {
-  public:
-    Buffer() = default;
-    explicit Buffer(std::size_t count);
-    float* data() { return data_.get(); }
-    const float* data() const { return data_.get(); }
-    std::size_t size() const { return size_; }
-    void zero();
-
-  private:
-    struct Free { void operator()(float* p) const; };
-    std::unique_ptr<float[], Free> data_;
-    std::size_t size_ = 0;
-};
-
-struct Tables;
-struct ExampleGrads;
-struct TileScratch;
-struct BackwardScratch;
-
-struct StepOutput {
-    float* loss;       // (M,) mean training loss
-    uint8_t* finite;   // (M,) 1 if the loss and every gradient are finite
+// Every model's training examples, sorted by (x, y) and cut into blocks of
+// X_BLOCK consecutive x values: a block's x rows of the per-step tables are
+// built, used and turned into gradients while they sit in L1/L2.
+struct TrainingSet {
+    static constexpr int X_BLOCK = 8;
+    // x, y, labels: (M, N) row-major; train_size: (M,). Model m trains on its
+    // first train_size[m] slots; the rest is padding and never read.
+    TrainingSet(const ModelShape& shape, int M, int N, const int64_t* x, const int64_t* y,
+                const int64_t* labels, const int64_t* train_size);
+    int M;
+    std::vector<std::vector<int32_t>> x, y, labels;  // per model, sorted
+    std::vector<std::vector<int>> block_start;       // per model, (blocks + 1) offsets
+    int blocks() const { return static_cast<int>(block_start[0].size()) - 1; }
 };
 
 struct AdamWArgs {
@@ -71,46 +58,45 @@ struct AdamWArgs {
     double beta1, beta2, eps;
 };
 
+struct StepOutput {
+    double* loss;      // (M,) mean training loss
+    uint8_t* finite;   // (M,) 1 if the loss and every gradient are finite
+};
+
+template <typename Real> struct Workspace;
+template <typename Real> struct ExampleGrads;
+template <typename Real> struct TileScratch;
+
+template <typename Real>
 class Engine {
   public:
-    // x, y, labels: (M, N) row-major; train_size: (M,). Model m trains on its
-    // first train_size[m] slots; the rest is padding and never read.
-    Engine(const ModelShape& shape, int M, int N, const int64_t* x, const int64_t* y,
-           const int64_t* labels, const int64_t* train_size);
+    Engine(const ModelShape& shape, const TrainingSet& data);
     ~Engine();
 
     // Loss and gradients of every model into grads (M, P); with adamw set, an
     // AdamW update of params, exp_avg and exp_avg_sq for each model that is
     // neither frozen nor non-finite. All state arrays are (M, P) row-major.
-    void step(float* params, float* grads, float* exp_avg, float* exp_avg_sq,
-              const AdamWArgs* adamw, int n_threads, StepOutput out);
+    void step(Real* params, Real* grads, Real* exp_avg, Real* exp_avg_sq, const AdamWArgs* adamw,
+              int n_threads, StepOutput out);
 
     std::size_t scratch_bytes() const;  // workspace currently allocated
-    int M() const { return M_; }
-    const ModelShape& shape() const { return shape_; }
-    const ParamLayout& layout() const { return layout_; }
 
   private:
-    struct Workspace;
-
     ModelShape shape_;
     ParamLayout layout_;
-    int M_;
-    // Per model, its training examples sorted by (x, y): examples sharing x
-    // reuse the same table rows while those rows are in L1.
-    std::vector<std::vector<int32_t>> x_, y_, labels_;
+    const TrainingSet& data_;
+    std::vector<std::unique_ptr<Workspace<Real>>> workspaces_;
+    std::vector<std::unique_ptr<ExampleGrads<Real>>> shard_grads_;
+    std::vector<std::unique_ptr<TileScratch<Real>>> tiles_;
 
-    std::vector<std::unique_ptr<Workspace>> workspaces_;
-    std::vector<std::unique_ptr<ExampleGrads>> shard_grads_;
-    std::vector<std::unique_ptr<TileScratch>> tiles_;
-
-    void examples(const float* params, const Tables& tb, int m, int begin, int end,
-                  ExampleGrads& acc, TileScratch& tile) const;
-    void finish_model(int m, float* params, float* grads, float* exp_avg, float* exp_avg_sq,
-                      const AdamWArgs* adamw, const ExampleGrads& acc, Workspace& ws,
+    void examples(int m, int block_begin, int block_end, const Workspace<Real>& ws,
+                  ExampleGrads<Real>& acc, TileScratch<Real>& tile) const;
+    void finish_model(int m, Real* params, Real* grads, Real* exp_avg, Real* exp_avg_sq,
+                      const AdamWArgs* adamw, ExampleGrads<Real>& acc, Workspace<Real>& ws,
                       StepOutput out) const;
 };
 
-std::size_t workspace_bytes(const ModelShape& s);
+extern template class Engine<float>;
+extern template class Engine<double>;
 
 }  // namespace fastgrok

@@ -1,13 +1,16 @@
-// Small single-threaded SGEMM for the CPU engine.
+// Small single-threaded matrix products for the CPU engine.
 //
-//   C[i, j] (+)= sum_p A[i, p] * B[p, j]     0 <= i < m, 0 <= j < n, 0 <= p < k
-//
-// A is read through arbitrary strides (A[i, p] = A[i * rsa + p * csa]), so
-// transposed operands need no copy: the micro-kernel only broadcasts single
-// elements of A. B and C have unit column stride. The engine's matrices are at
-// most a few hundred KB, so there is no cache blocking beyond the micro-tile:
-// a B strip of k x NR floats is reused from L1/L2 by every MR-row block.
-// Threads run over models in the engine, never inside one GEMM.
+// gemm:     C[i, j] (+)= sum_p A[i, p] * B[p, j]
+//   A is read through arbitrary strides (A[i, p] = A[i * rsa + p * csa]), so a
+//   transposed A needs no copy: the micro-kernel only broadcasts single
+//   elements of A. B and C have unit column stride. The engine's matrices are
+//   at most a few hundred KB, so there is no cache blocking beyond the
+//   micro-tile: a B strip of k x NR values is reused from L1/L2 by every
+//   MR-row block.
+// gemm_nt:  C[i, j] (+)= sum_p A[i, p] * B[j, p]
+//   rows of A against rows of B, both contiguous: for a long k (F, V) this
+//   avoids transposing B, at the cost of one horizontal sum per output.
+// Threads run over models in the engine, never inside one product.
 #pragma once
 
 #include <algorithm>
@@ -20,46 +23,47 @@ namespace fastgrok {
 namespace detail {
 
 // An MR_ x NR tile of C from a k-long panel of A (strided) and B (rows at ldb).
-template <int MR_>
-inline void micro_kernel(int k, const float* A, std::ptrdiff_t rsa, std::ptrdiff_t csa,
-                         const float* B, std::ptrdiff_t ldb, float* C, std::ptrdiff_t ldc,
-                         bool accumulate) {
-    vreg c0[MR_], c1[MR_];
-    for (int i = 0; i < MR_; ++i) c0[i] = c1[i] = vreg{};
+template <typename Real, int MR_>
+void micro_kernel(int k, const Real* A, std::ptrdiff_t rsa, std::ptrdiff_t csa, const Real* B,
+                  std::ptrdiff_t ldb, Real* C, std::ptrdiff_t ldc, bool accumulate) {
+    using S = Simd<Real>;
+    typename S::reg c0[MR_], c1[MR_];
+    for (int i = 0; i < MR_; ++i) c0[i] = c1[i] = S::zero();
     for (int p = 0; p < k; ++p) {
-        const vreg b0 = load(B + p * ldb), b1 = load(B + p * ldb + VL);
-        const float* a = A + p * csa;
+        const auto b0 = S::load(B + p * ldb), b1 = S::load(B + p * ldb + S::L);
+        const Real* a = A + p * csa;
         for (int i = 0; i < MR_; ++i) {
-            const float ai = a[i * rsa];
+            const Real ai = a[i * rsa];
             c0[i] += ai * b0;
             c1[i] += ai * b1;
         }
     }
     for (int i = 0; i < MR_; ++i) {
-        float* c = C + i * ldc;
+        Real* c = C + i * ldc;
         if (accumulate) {
-            c0[i] += load(c);
-            c1[i] += load(c + VL);
+            c0[i] += S::load(c);
+            c1[i] += S::load(c + S::L);
         }
-        store(c, c0[i]);
-        store(c + VL, c1[i]);
+        S::store(c, c0[i]);
+        S::store(c + S::L, c1[i]);
     }
 }
 
-template <int... Rows>
+template <typename Real, int... Rows>
 struct KernelTable {
-    using Fn = void (*)(int, const float*, std::ptrdiff_t, std::ptrdiff_t, const float*,
-                        std::ptrdiff_t, float*, std::ptrdiff_t, bool);
-    static constexpr Fn fns[sizeof...(Rows)] = {&micro_kernel<Rows>...};
+    using Fn = void (*)(int, const Real*, std::ptrdiff_t, std::ptrdiff_t, const Real*,
+                        std::ptrdiff_t, Real*, std::ptrdiff_t, bool);
+    static constexpr Fn fns[sizeof...(Rows)] = {&micro_kernel<Real, Rows>...};
 };
 
-inline void micro_kernel_rows(int rows, int k, const float* A, std::ptrdiff_t rsa,
-                              std::ptrdiff_t csa, const float* B, std::ptrdiff_t ldb, float* C,
-                              std::ptrdiff_t ldc, bool accumulate) {
+template <typename Real>
+void micro_kernel_rows(int rows, int k, const Real* A, std::ptrdiff_t rsa, std::ptrdiff_t csa,
+                       const Real* B, std::ptrdiff_t ldb, Real* C, std::ptrdiff_t ldc,
+                       bool accumulate) {
 #if defined(__AVX512F__)
-    using Table = KernelTable<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12>;
+    using Table = KernelTable<Real, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12>;
 #else
-    using Table = KernelTable<1, 2, 3, 4, 5, 6>;
+    using Table = KernelTable<Real, 1, 2, 3, 4, 5, 6>;
 #endif
     static_assert(sizeof(Table::fns) / sizeof(Table::fns[0]) == MR, "one kernel per row count");
     Table::fns[rows - 1](k, A, rsa, csa, B, ldb, C, ldc, accumulate);
@@ -67,25 +71,26 @@ inline void micro_kernel_rows(int rows, int k, const float* A, std::ptrdiff_t rs
 
 }  // namespace detail
 
-inline void gemm(int m, int n, int k, const float* A, std::ptrdiff_t rsa, std::ptrdiff_t csa,
-                 const float* B, std::ptrdiff_t ldb, float* C, std::ptrdiff_t ldc,
-                 bool accumulate) {
+template <typename Real>
+void gemm(int m, int n, int k, const Real* A, std::ptrdiff_t rsa, std::ptrdiff_t csa,
+          const Real* B, std::ptrdiff_t ldb, Real* C, std::ptrdiff_t ldc, bool accumulate) {
+    constexpr int NR = Simd<Real>::NR;
     if (m <= 0 || n <= 0) return;
     if (k <= 0) {
         if (!accumulate)
-            for (int i = 0; i < m; ++i) std::fill(C + i * ldc, C + i * ldc + n, 0.0f);
+            for (int i = 0; i < m; ++i) std::fill(C + i * ldc, C + i * ldc + n, Real(0));
         return;
     }
     // The last, partial strip of B is copied zero-padded to NR columns, so the
     // kernel never reads past B's rows; its C tile goes through a buffer.
-    thread_local std::vector<float> edge_b;
-    float edge_c[MR * NR];
+    thread_local std::vector<Real> edge_b;
+    Real edge_c[MR * NR];
     for (int j = 0; j < n; j += NR) {
         const int cols = std::min(NR, n - j);
-        const float* Bj = B + j;
+        const Real* Bj = B + j;
         std::ptrdiff_t ldbj = ldb;
         if (cols < NR) {
-            edge_b.assign(static_cast<std::size_t>(k) * NR, 0.0f);
+            edge_b.assign(static_cast<std::size_t>(k) * NR, Real(0));
             for (int p = 0; p < k; ++p)
                 std::copy(B + p * ldb + j, B + p * ldb + j + cols, edge_b.data() + p * NR);
             Bj = edge_b.data();
@@ -93,16 +98,53 @@ inline void gemm(int m, int n, int k, const float* A, std::ptrdiff_t rsa, std::p
         }
         for (int i = 0; i < m; i += MR) {
             const int rows = std::min(MR, m - i);
-            const float* Ai = A + i * rsa;
-            float* Cij = C + i * ldc + j;
+            const Real* Ai = A + i * rsa;
+            Real* Cij = C + i * ldc + j;
             if (cols == NR) {
                 detail::micro_kernel_rows(rows, k, Ai, rsa, csa, Bj, ldbj, Cij, ldc, accumulate);
             } else {
                 detail::micro_kernel_rows(rows, k, Ai, rsa, csa, Bj, ldbj, edge_c, NR, false);
                 for (int r = 0; r < rows; ++r)
                     for (int c = 0; c < cols; ++c)
-                        Cij[r * ldc + c] = (accumulate ? Cij[r * ldc + c] : 0.0f) + edge_c[r * NR + c];
+                        Cij[r * ldc + c] = (accumulate ? Cij[r * ldc + c] : Real(0)) + edge_c[r * NR + c];
             }
+        }
+    }
+}
+
+template <typename Real>
+void gemm_nt(int m, int n, int k, const Real* A, std::ptrdiff_t lda, const Real* B,
+             std::ptrdiff_t ldb, Real* C, std::ptrdiff_t ldc, bool accumulate) {
+    using S = Simd<Real>;
+    const int kv = k / S::L * S::L;
+    auto tail = [&](const Real* a, const Real* b) {
+        Real s = 0;
+        for (int p = kv; p < k; ++p) s += a[p] * b[p];
+        return s;
+    };
+    for (int i = 0; i < m; ++i) {
+        const Real* a = A + i * lda;
+        Real* c = C + i * ldc;
+        int j = 0;
+        // Four rows of B per pass share each load of A's row.
+        for (; j + 4 <= n; j += 4) {
+            const Real* b = B + j * ldb;
+            typename S::reg acc[4] = {};
+            for (int p = 0; p < kv; p += S::L) {
+                const auto ap = S::load(a + p);
+                for (int u = 0; u < 4; ++u) acc[u] += ap * S::load(b + u * ldb + p);
+            }
+            for (int u = 0; u < 4; ++u) {
+                const Real dot = S::hsum(acc[u]) + tail(a, b + u * ldb);
+                c[j + u] = accumulate ? c[j + u] + dot : dot;
+            }
+        }
+        for (; j < n; ++j) {
+            const Real* b = B + j * ldb;
+            typename S::reg acc = {};
+            for (int p = 0; p < kv; p += S::L) acc += S::load(a + p) * S::load(b + p);
+            const Real dot = S::hsum(acc) + tail(a, b);
+            c[j] = accumulate ? c[j] + dot : dot;
         }
     }
 }

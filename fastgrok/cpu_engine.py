@@ -91,7 +91,11 @@ def _array(t: Tensor, dtype: torch.dtype, name: str) -> np.ndarray:
 
 
 def _state(pop) -> list[np.ndarray]:
-    return [_array(getattr(pop, name), torch.float32, name)
+    """Zero-copy views of the (M, P) state; float32 trains, float64 checks the algorithm."""
+    dtype = pop.flat_params.dtype
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"pop.flat_params has dtype {dtype}; the C++ engine supports float32 and float64")
+    return [_array(getattr(pop, name), dtype, name)
             for name in ("flat_params", "flat_grads", "exp_avg", "exp_avg_sq")]
 
 
@@ -114,7 +118,7 @@ def step(pop, n_threads: int | None = None) -> Tensor:
         eps=pop.optim.eps, n_threads=n_threads or torch.get_num_threads())
     pop.step_count = next_step
     pop.mark_failures(torch.from_numpy(finite))
-    return torch.from_numpy(loss)
+    return torch.from_numpy(loss).to(pop.flat_params.dtype)
 
 
 def loss_and_grad(pop, n_threads: int | None = None) -> Tensor:
@@ -122,4 +126,4 @@ def loss_and_grad(pop, n_threads: int | None = None) -> Tensor:
     loss, _ = engine_for(pop).step(
         *_state(pop), lr=None, weight_decay=None, frozen=None, step=0, beta1=0.0, beta2=0.0, eps=0.0,
         n_threads=n_threads or torch.get_num_threads())
-    return torch.from_numpy(loss)
+    return torch.from_numpy(loss).to(pop.flat_params.dtype)
