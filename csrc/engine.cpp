@@ -325,18 +325,19 @@ struct TileScratch {
     Buffer<Real> hidden;   // (TILE, Fp) relu(pre); hidden > 0 is the relu mask
     Buffer<Real> logits;   // (TILE, Vp) logits, then dlogits in place
     Buffer<Real> dhidden;  // (TILE, Fp)
+    Buffer<Real> da;       // (TILE, 4H) gradients w.r.t. a
     Buffer<Real> U_x, dU_x;    // (X_BLOCK, H, Fp)
     Buffer<Real> UU_x, dUU_x;  // (X_BLOCK, H, Vp)
 
     explicit TileScratch(const ModelShape& s)
         : a(TILE * s.J()), hidden(TILE * Padded<Real>(s).Fp), logits(TILE * Padded<Real>(s).Vp),
-          dhidden(TILE * Padded<Real>(s).Fp), U_x(X_BLOCK * s.H * Padded<Real>(s).Fp),
+          dhidden(TILE * Padded<Real>(s).Fp), da(TILE * s.J()), U_x(X_BLOCK * s.H * Padded<Real>(s).Fp),
           dU_x(X_BLOCK * s.H * Padded<Real>(s).Fp), UU_x(X_BLOCK * s.H * Padded<Real>(s).Vp),
           dUU_x(X_BLOCK * s.H * Padded<Real>(s).Vp) {}
 
     std::size_t bytes() const {
         std::size_t count = 0;
-        for (const Buffer<Real>* b : {&a, &hidden, &logits, &dhidden, &U_x, &dU_x, &UU_x, &dUU_x}) count += b->size();
+        for (const Buffer<Real>* b : {&a, &hidden, &logits, &dhidden, &da, &U_x, &dU_x, &UU_x, &dUU_x}) count += b->size();
         return count * sizeof(Real);
     }
 };
@@ -396,49 +397,57 @@ void tables_forward(const ModelShape& s, const ParamPtrs<Real>& p, Workspace<Rea
     gemm(1, V, D, ws.c_bout.data(), D, 1, p.W_U, V, ws.base_logit, Vp, false);
 }
 
-// out = base + sum_j a[j] * rows[j], len a multiple of the lane count; relu if asked.
-// Eight accumulators in flight hide the FMA latency of the 4H-long chains.
+// out += sum_h a0[h] * rows[h] + a2[h] * rows[H + h] (positions 0 and 2, per
+// head), in place; relu applied if asked. len is a multiple of the lane count.
+// Eight accumulators in flight hide the FMA latency of the 2H-long chains.
 template <bool Relu, typename Real>
-void combine_rows(int J, const Real* a, const Real* const* rows, const Real* base, Real* out, int len) {
+void combine_rows(const Real* a0, const Real* a2, int H, const Real* const* rows, Real* out, int len) {
     using S = Simd<Real>;
     constexpr int L = S::L;
     int f = 0;
     for (; f + 8 * L <= len; f += 8 * L) {
         typename S::reg acc[8];
-        for (int u = 0; u < 8; ++u) acc[u] = S::load(base + f + u * L);
-        for (int j = 0; j < J; ++j) {
+        for (int u = 0; u < 8; ++u) acc[u] = S::load(out + f + u * L);
+        for (int j = 0; j < 2 * H; ++j) {
             const Real* row = rows[j] + f;
-            const Real aj = a[j];
+            const Real aj = j < H ? a0[j] : a2[j - H];
             for (int u = 0; u < 8; ++u) acc[u] += aj * S::load(row + u * L);
         }
         for (int u = 0; u < 8; ++u) S::store(out + f + u * L, Relu ? S::relu(acc[u]) : acc[u]);
     }
     for (; f < len; f += L) {
-        auto acc = S::load(base + f);
-        for (int j = 0; j < J; ++j) acc += a[j] * S::load(rows[j] + f);
+        auto acc = S::load(out + f);
+        for (int j = 0; j < 2 * H; ++j) acc += (j < H ? a0[j] : a2[j - H]) * S::load(rows[j] + f);
         S::store(out + f, Relu ? S::relu(acc) : acc);
     }
 }
 
-// For each j: da[j] += g . rows[j];  drows[j] += a[j] * g.  One pass over g.
+// For the 2H rows of positions 0 and 2: da0/da2[h] += g . rows[j] and
+// drows[j] += a * g, in one pass over g.
 template <typename Real>
-void dot_and_scatter(int J, const Real* a, const Real* const* rows, Real* const* drows, const Real* g,
-                     int len, Real* da) {
+void dot_and_scatter(const Real* a0, const Real* a2, int H, const Real* const* rows, Real* const* drows,
+                     const Real* g, int len, Real* da0, Real* da2) {
     using S = Simd<Real>;
-    constexpr int JMAX = 32;
+    constexpr int JMAX = 16;  // dot accumulators kept in registers
     typename S::reg dots[JMAX];
+    const int J = 2 * H;
     for (int j0 = 0; j0 < J; j0 += JMAX) {
         const int jn = std::min(JMAX, J - j0);
+        Real a[JMAX];
+        for (int j = 0; j < jn; ++j) a[j] = j0 + j < H ? a0[j0 + j] : a2[j0 + j - H];
         for (int j = 0; j < jn; ++j) dots[j] = S::zero();
         for (int f = 0; f < len; f += S::L) {
             const auto gf = S::load(g + f);
             for (int j = 0; j < jn; ++j) {
                 dots[j] += gf * S::load(rows[j0 + j] + f);
                 Real* dr = drows[j0 + j] + f;
-                S::store(dr, S::load(dr) + a[j0 + j] * gf);
+                S::store(dr, S::load(dr) + a[j] * gf);
             }
         }
-        for (int j = 0; j < jn; ++j) da[j0 + j] += S::hsum(dots[j]);
+        for (int j = 0; j < jn; ++j) {
+            const int jj = j0 + j;
+            (jj < H ? da0[jj] : da2[jj - H]) += S::hsum(dots[j]);
+        }
     }
 }
 
@@ -447,15 +456,28 @@ void dot_and_scatter(int J, const Real* a, const Real* const* rows, Real* const*
 // (zero on the padding) and returns the unweighted loss.
 template <typename Real>
 Real loss_and_dlogits(Real* z, int V, int Vp, int label, Real weight) {
+    using S = Simd<Real>;
+    constexpr int L = S::L;
+    const int Vv = V / L * L;  // whole vectors; the rest is done lane by lane
     Real zmax = z[0];
-    for (int v = 1; v < V; ++v) zmax = std::max(zmax, z[v]);
+    if (Vv > 0) {
+        auto vmax = S::load(z);
+        for (int v = L; v < Vv; v += L) {
+            const auto zv = S::load(z + v);
+            vmax = zv > vmax ? zv : vmax;
+        }
+        for (int i = 0; i < L; ++i) zmax = std::max(zmax, vmax[i]);
+    }
+    for (int v = Vv; v < V; ++v) zmax = std::max(zmax, z[v]);
     const Real zy = z[label] - zmax;
     for (int v = 0; v < V; ++v) z[v] -= zmax;
     exp_inplace(z, V);
     const Real ey = z[label];
     z[label] = 0;
-    Real other = 0;
-    for (int v = 0; v < V; ++v) other += z[v];
+    auto vsum = S::zero();
+    for (int v = 0; v < Vv; v += L) vsum += S::load(z + v);
+    Real other = S::hsum(vsum);
+    for (int v = Vv; v < V; ++v) other += z[v];
     const Real total = other + ey;
     // Where y is the argmax the loss is log1p(other), exact for a tiny other.
     const Real loss = zy == Real(0) ? std::log1p(other) : std::log(total) - zy;
@@ -497,11 +519,15 @@ void Engine<Real>::examples(int m, int block_begin, int block_end, const Workspa
     const int32_t* labels = data_.labels[m].data();
     const Real* Sc = ws.S.data();
     Real* dS = acc.dS.data();
-    std::vector<const Real*> u_rows(J), uu_rows(J);
-    std::vector<Real*> du_rows(J), duu_rows(J);
-    std::vector<Real> da(J);
+    std::vector<const Real*> u_rows(2 * H), uu_rows(2 * H);
+    std::vector<Real*> du_rows(2 * H), duu_rows(2 * H);
     std::vector<int> rows(4 * TILE);
     const std::size_t row_F = std::size_t(H) * Fp, row_V = std::size_t(H) * Vp;
+    // Rows of the operator (position 1) and = (position 3), per head, and their gradients.
+    const Real* const_U[4] = {nullptr, ws.U_rest, nullptr, ws.U_rest + (n + 1) * row_F};
+    const Real* const_UU[4] = {nullptr, ws.UU_rest, nullptr, ws.UU_rest + (n + 1) * row_V};
+    Real* const_dU[4] = {nullptr, acc.dU_rest.data(), nullptr, acc.dU_rest.data() + (n + 1) * row_F};
+    Real* const_dUU[4] = {nullptr, acc.dUU_rest.data(), nullptr, acc.dUU_rest.data() + (n + 1) * row_V};
 
     for (int b = block_begin; b < block_end; ++b) {
         const int begin = data_.block_start[m][b], end = data_.block_start[m][b + 1];
@@ -516,29 +542,25 @@ void Engine<Real>::examples(int m, int block_begin, int block_end, const Workspa
         }
         std::fill(tile.dU_x.data(), tile.dU_x.data() + xn * row_F, Real(0));
         std::fill(tile.dUU_x.data(), tile.dUU_x.data() + xn * row_V, Real(0));
-        // Where each position's row lives: x rows in the block buffers, the rest in the tables.
+        // Where the rows of positions 0 (x, the block buffers) and 2 (y, the tables) live.
         auto point_rows = [&](const int* r) {
-            for (int t = 0; t < 4; ++t)
-                for (int h = 0; h < H; ++h) {
-                    const int j = t * H + h;
-                    const std::size_t i = t == 0 ? std::size_t(r[0] - x0) : std::size_t(r[t] - n);
-                    if (t == 0) {
-                        u_rows[j] = tile.U_x.data() + i * row_F + h * Fp;
-                        uu_rows[j] = tile.UU_x.data() + i * row_V + h * Vp;
-                        du_rows[j] = tile.dU_x.data() + i * row_F + h * Fp;
-                        duu_rows[j] = tile.dUU_x.data() + i * row_V + h * Vp;
-                    } else {
-                        u_rows[j] = ws.U_rest + i * row_F + h * Fp;
-                        uu_rows[j] = ws.UU_rest + i * row_V + h * Vp;
-                        du_rows[j] = acc.dU_rest.data() + i * row_F + h * Fp;
-                        duu_rows[j] = acc.dUU_rest.data() + i * row_V + h * Vp;
-                    }
-                }
+            const std::size_t ix = std::size_t(r[0] - x0), iy = std::size_t(r[2] - n);
+            for (int h = 0; h < H; ++h) {
+                u_rows[h] = tile.U_x.data() + ix * row_F + h * Fp;
+                uu_rows[h] = tile.UU_x.data() + ix * row_V + h * Vp;
+                du_rows[h] = tile.dU_x.data() + ix * row_F + h * Fp;
+                duu_rows[h] = tile.dUU_x.data() + ix * row_V + h * Vp;
+                u_rows[H + h] = ws.U_rest + iy * row_F + h * Fp;
+                uu_rows[H + h] = ws.UU_rest + iy * row_V + h * Vp;
+                du_rows[H + h] = acc.dU_rest.data() + iy * row_F + h * Fp;
+                duu_rows[H + h] = acc.dUU_rest.data() + iy * row_V + h * Vp;
+            }
         };
 
         for (int i0 = begin; i0 < end; i0 += TILE) {
             const int count = std::min(TILE, end - i0);
-            // Forward up to the hidden layer; the logits get their table part.
+            Real* hidden = tile.hidden.data();
+            Real* logits = tile.logits.data();
             for (int i = 0; i < count; ++i) {
                 int* r = rows.data() + 4 * i;
                 r[0] = xs[i0 + i];
@@ -558,44 +580,71 @@ void Engine<Real>::examples(int m, int block_begin, int block_end, const Workspa
                     const Real sum = a[h] + a[H + h] + a[2 * H + h] + a[3 * H + h];
                     for (int t = 0; t < 4; ++t) a[t * H + h] /= sum;
                 }
-                point_rows(r);
-                combine_rows<true>(J, a, u_rows.data(), ws.base_pre, tile.hidden.data() + std::size_t(i) * Fp, Fp);
-                combine_rows<false>(J, a, uu_rows.data(), ws.base_logit, tile.logits.data() + std::size_t(i) * Vp, Vp);
+                std::copy(ws.base_pre, ws.base_pre + Fp, hidden + std::size_t(i) * Fp);
+                std::copy(ws.base_logit, ws.base_logit + Vp, logits + std::size_t(i) * Vp);
             }
-            gemm(count, Vp, Fp, tile.hidden.data(), Fp, 1, ws.W_OU, Vp, tile.logits.data(), Vp, true);
+            // Positions 1 and 3 read the same rows in every example: one GEMM
+            // per tile instead of 2H gathered rows per example.
+            for (int t : {1, 3}) {
+                gemm(count, Fp, H, tile.a.data() + t * H, J, 1, const_U[t], Fp, hidden, Fp, true);
+                gemm(count, Vp, H, tile.a.data() + t * H, J, 1, const_UU[t], Vp, logits, Vp, true);
+            }
+            for (int i = 0; i < count; ++i) {
+                const Real* a = tile.a.data() + std::size_t(i) * J;
+                point_rows(rows.data() + 4 * i);
+                Real* pre = hidden + std::size_t(i) * Fp;
+                Real* lg = logits + std::size_t(i) * Vp;
+                combine_rows<true>(a, a + 2 * H, H, u_rows.data(), pre, Fp);
+                combine_rows<false>(a, a + 2 * H, H, uu_rows.data(), lg, Vp);
+            }
+            gemm(count, Vp, Fp, hidden, Fp, 1, ws.W_OU, Vp, logits, Vp, true);
 
             double tile_loss = 0.0;
             for (int i = 0; i < count; ++i)
-                tile_loss += double(weight * loss_and_dlogits(tile.logits.data() + std::size_t(i) * Vp, V, Vp,
-                                                              labels[i0 + i], weight));
+                tile_loss += double(weight * loss_and_dlogits(logits + std::size_t(i) * Vp, V, Vp, labels[i0 + i], weight));
             acc.loss += tile_loss;
 
             // Backward: W_OU's gradient, then dhidden through it.
-            gemm(Fp, Vp, count, tile.hidden.data(), 1, Fp, tile.logits.data(), Vp, acc.dW_OU.data(), Vp, true);
-            gemm(count, Fp, Vp, tile.logits.data(), Vp, 1, ws.W_OU_T, Fp, tile.dhidden.data(), Fp, false);
-
+            gemm(Fp, Vp, count, hidden, 1, Fp, logits, Vp, acc.dW_OU.data(), Vp, true);
+            Real* dpre = tile.dhidden.data();
+            gemm(count, Fp, Vp, logits, Vp, 1, ws.W_OU_T, Fp, dpre, Fp, false);
+            for (int i = 0; i < count; ++i) {
+                const Real* h_i = hidden + std::size_t(i) * Fp;
+                Real* d_i = dpre + std::size_t(i) * Fp;
+                // relu': hidden > 0 (a NaN hidden blocks its gradient, as torch's threshold_backward).
+                for (int f = 0; f < Fp; f += S::L)
+                    S::store(d_i + f, S::load(h_i + f) > Real(0) ? S::load(d_i + f) : S::zero());
+            }
+            // Sums over the tile: the bases' gradients, and the constant rows'
+            // gradients and attention-weight gradients, as GEMMs.
+            for (int i = 0; i < count; ++i) {
+                for (int f = 0; f < Fp; f += S::L)
+                    S::store(acc.dbase_pre.data() + f, S::load(acc.dbase_pre.data() + f) + S::load(dpre + std::size_t(i) * Fp + f));
+                for (int v = 0; v < Vp; v += S::L)
+                    S::store(acc.dbase_logit.data() + v, S::load(acc.dbase_logit.data() + v) + S::load(logits + std::size_t(i) * Vp + v));
+            }
+            Real* da = tile.da.data();
+            for (int t : {1, 3}) {
+                gemm_nt(count, H, Fp, dpre, Fp, const_U[t], Fp, da + t * H, J, false);
+                gemm_nt(count, H, Vp, logits, Vp, const_UU[t], Vp, da + t * H, J, true);
+                gemm(H, Fp, count, tile.a.data() + t * H, 1, J, dpre, Fp, const_dU[t], Fp, true);
+                gemm(H, Vp, count, tile.a.data() + t * H, 1, J, logits, Vp, const_dUU[t], Vp, true);
+            }
             for (int i = 0; i < count; ++i) {
                 const int* r = rows.data() + 4 * i;
                 const Real* a = tile.a.data() + std::size_t(i) * J;
-                const Real* hidden = tile.hidden.data() + std::size_t(i) * Fp;
-                Real* dpre = tile.dhidden.data() + std::size_t(i) * Fp;
-                const Real* dlogits = tile.logits.data() + std::size_t(i) * Vp;
-                for (int f = 0; f < Fp; f += S::L) {
-                    const auto g = S::load(hidden + f) > Real(0) ? S::load(dpre + f) : S::zero();
-                    S::store(dpre + f, g);
-                    S::store(acc.dbase_pre.data() + f, S::load(acc.dbase_pre.data() + f) + g);
-                }
-                for (int v = 0; v < Vp; v += S::L)
-                    S::store(acc.dbase_logit.data() + v, S::load(acc.dbase_logit.data() + v) + S::load(dlogits + v));
+                Real* da_i = da + std::size_t(i) * J;
+                const Real* g = dpre + std::size_t(i) * Fp;
+                const Real* dlogits = logits + std::size_t(i) * Vp;
                 point_rows(r);
-                std::fill(da.begin(), da.end(), Real(0));
-                dot_and_scatter(J, a, u_rows.data(), du_rows.data(), dpre, Fp, da.data());
-                dot_and_scatter(J, a, uu_rows.data(), duu_rows.data(), dlogits, Vp, da.data());
+                for (int t : {0, 2}) std::fill(da_i + t * H, da_i + (t + 1) * H, Real(0));
+                dot_and_scatter(a, a + 2 * H, H, u_rows.data(), du_rows.data(), g, Fp, da_i, da_i + 2 * H);
+                dot_and_scatter(a, a + 2 * H, H, uu_rows.data(), duu_rows.data(), dlogits, Vp, da_i, da_i + 2 * H);
                 // Softmax over the 4 positions, per head.
                 for (int h = 0; h < H; ++h) {
                     Real mean = 0;
-                    for (int t = 0; t < 4; ++t) mean += a[t * H + h] * da[t * H + h];
-                    for (int t = 0; t < 4; ++t) dS[r[t] * H + h] += a[t * H + h] * (da[t * H + h] - mean);
+                    for (int t = 0; t < 4; ++t) mean += a[t * H + h] * da_i[t * H + h];
+                    for (int t = 0; t < 4; ++t) dS[r[t] * H + h] += a[t * H + h] * (da_i[t * H + h] - mean);
                 }
             }
         }
