@@ -451,6 +451,18 @@ void dot_and_scatter(const Real* a0, const Real* a2, int H, const Real* const* r
     }
 }
 
+// sums[0:len] += sum over rows i < count of X[i, 0:len]; len a multiple of the
+// lane count. Rows innermost: one store per vector of sums, not per row.
+template <typename Real>
+void add_column_sums(int count, const Real* X, int len, Real* sums) {
+    using S = Simd<Real>;
+    for (int f = 0; f < len; f += S::L) {
+        auto acc = S::load(sums + f);
+        for (int i = 0; i < count; ++i) acc += S::load(X + std::size_t(i) * len + f);
+        S::store(sums + f, acc);
+    }
+}
+
 // Per-example cross-entropy of logits[0:V] against label, in the stable form
 // of fastgrok/model.py; writes weight * dloss/dlogits over logits[0:Vp]
 // (zero on the padding) and returns the unweighted loss.
@@ -617,12 +629,8 @@ void Engine<Real>::examples(int m, int block_begin, int block_end, const Workspa
             }
             // Sums over the tile: the bases' gradients, and the constant rows'
             // gradients and attention-weight gradients, as GEMMs.
-            for (int i = 0; i < count; ++i) {
-                for (int f = 0; f < Fp; f += S::L)
-                    S::store(acc.dbase_pre.data() + f, S::load(acc.dbase_pre.data() + f) + S::load(dpre + std::size_t(i) * Fp + f));
-                for (int v = 0; v < Vp; v += S::L)
-                    S::store(acc.dbase_logit.data() + v, S::load(acc.dbase_logit.data() + v) + S::load(logits + std::size_t(i) * Vp + v));
-            }
+            add_column_sums(count, dpre, Fp, acc.dbase_pre.data());
+            add_column_sums(count, logits, Vp, acc.dbase_logit.data());
             Real* da = tile.da.data();
             for (int t : {1, 3}) {
                 gemm_nt(count, H, Fp, dpre, Fp, const_U[t], Fp, da + t * H, J, false);

@@ -27,6 +27,20 @@ constexpr int VECTOR_BYTES = 16;
 constexpr int MR = 6;
 #endif
 
+template <typename Real, int Bytes>
+struct HalfSum {
+    typedef Real vec __attribute__((vector_size(Bytes)));
+    typedef Real half __attribute__((vector_size(Bytes / 2)));
+    static Real sum(const vec& v) {
+        half lo, hi;
+        std::memcpy(&lo, &v, sizeof lo);
+        std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+        const half s = lo + hi;
+        if constexpr (Bytes / 2 == 2 * sizeof(Real)) return s[0] + s[1];
+        else return HalfSum<Real, Bytes / 2>::sum(s);
+    }
+};
+
 template <typename Real>
 struct Simd {
     static_assert(std::is_same_v<Real, float> || std::is_same_v<Real, double>);
@@ -40,12 +54,12 @@ struct Simd {
     static reg load(const Real* p) { reg r; std::memcpy(&r, p, sizeof r); return r; }
     static void store(Real* p, reg v) { std::memcpy(p, &v, sizeof v); }
     static reg zero() { return reg{}; }
-    static Real hsum(reg v) {
-        Real s = 0;
-        for (int i = 0; i < L; ++i) s += v[i];
-        return s;
-    }
+    // Pairwise: halves are added until one lane is left (log2(L) dependent
+    // adds instead of L); memcpy of a half compiles to a register extract.
+    static Real hsum(reg v) { return hsum_bytes<VECTOR_BYTES>(v); }
     // NaN passes through, as in torch.relu, so a diverged model reports a NaN loss.
+    template <int Bytes>
+    static Real hsum_bytes(const reg& v) { return HalfSum<Real, Bytes>::sum(v); }
     static reg relu(reg x) { return x < Real(0) ? reg{} : x; }
 };
 
