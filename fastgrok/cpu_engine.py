@@ -49,6 +49,32 @@ def build_info() -> dict:
     return dict(_extension().build_info())
 
 
+def flops_per_model_step(cfg, n_examples: int) -> int:
+    """Floating-point operations of one model's step in this engine (2 per multiply-add).
+
+    Counts the matrix arithmetic of csrc/engine.cpp without its padding of F
+    and V to the vector width: per example 3*F*V (logits, dW_OU, dhidden) +
+    12*H*(F + V) (4H table rows gathered, dotted and scattered); per step the
+    key/value/query tables and the products that build U, UU, W_OU and carry
+    their gradients back. At the paper config: 0.41 MFLOP per example
+    (``fastgrok.engine.flops_per_example``: 0.97) and 0.26 GFLOP per step.
+    """
+    D, H, Dh, F, V = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp, cfg.d_vocab
+    R, HDh = 2 * (V - 2) + 2, H * Dh
+    per_example = 3 * F * V + 12 * H * (F + V)
+    tables_forward = (2 * R * D * HDh + D * HDh + R * HDh     # keys, values, query, scores
+                      + HDh * D * (F + V)                     # W_OI, W_OUh
+                      + R * HDh * (F + V)                     # U, UU
+                      + F * D * V + D * (F + V))              # W_OU, the bases
+    tables_backward = (2 * R * HDh * (F + V)                  # dV_tab; dW_OI, dW_OUh
+                       + HDh * (F + V) * D                    # dW_O
+                       + D * HDh * (F + V) + 2 * F * D * V    # dW_in, dW_U, dW_out
+                       + 2 * D * (F + V) + 2 * R * HDh        # biases, c; dK, dq
+                       + 2 * D * R * HDh + D * HDh            # dW_K, dW_V, dW_Q
+                       + 2 * R * HDh * D + HDh * D)           # d rows
+    return 2 * (n_examples * per_example + tables_forward + tables_backward)
+
+
 # One native Engine per population: it holds the examples sorted for cache
 # locality and the scratch buffers, so neither is redone every step.
 _engines: "weakref.WeakKeyDictionary[object, tuple[tuple, object]]" = weakref.WeakKeyDictionary()

@@ -373,3 +373,13 @@ def test_sanitized_build_trains_without_reports(tmp_path):
     out = np.load(tmp_path / "out.npz")
     for key in out.files:
         np.testing.assert_allclose(out[key], pop.flat_params.numpy(), rtol=1e-3, atol=1e-5, err_msg=key)
+
+
+def test_flop_count_matches_hand_count_at_the_paper_config():
+    """Per example 2 * (3*F*V + 12*H*(F + V)) with F = 512, V = 115, H = 4:
+    2 * (176640 + 30096) = 413472; the tables do not depend on the examples."""
+    cfg = ModelConfig.for_task(TaskConfig("x+y", 113))
+    per_example = cpu_engine.flops_per_model_step(cfg, 2) - cpu_engine.flops_per_model_step(cfg, 1)
+    assert per_example == 413472
+    # Keys and values alone: 2 products of (R = 228) x (D = 128) x (H*Dh = 128), forward and 2x backward.
+    assert cpu_engine.flops_per_model_step(cfg, 0) > 2 * 3 * 2 * 228 * 128 * 128
