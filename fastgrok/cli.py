@@ -6,6 +6,7 @@
     fastgrok efficiency                                   # circuit efficiency (Fig. 3)
     fastgrok toy                                          # the two-circuit simulation (Fig. 2)
     fastgrok plot FILE | fastgrok info FILE
+    fastgrok sweep --shard K/N ...; fastgrok merge OUT SHARD...   # across processes / nodes
 
 Every invalid argument is reported on one line that names the value and what
 would be valid, with exit status 2, before anything is written.
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from fastgrok.config import PRESETS, OptimConfig, TaskConfig, get_preset
 from fastgrok.engine import BACKENDS
+from fastgrok.shard import Shard, local_device, partition, shard_from_env
 from fastgrok.experiments import (DEFAULTS, check_seeds, draw_figures, grid_runs, parse_floats, parse_sizes,
                                   pretrain_path, summarize, ungrok_plan, write_toy)
 from fastgrok.tasks import OPS
@@ -50,6 +52,8 @@ def _common(p: argparse.ArgumentParser, sizes_help: str):
     p.add_argument("--resume", action="store_true", help="continue --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress display (batch jobs)")
     p.add_argument("--no-plot", action="store_true", help="do not draw the figure at the end")
+    p.add_argument("--shard", help="train only shard K/N (0 <= K < N) of the models into OUT.shardK-of-N.h5; "
+                                   "default: from torchrun (RANK/WORLD_SIZE) or a Slurm array, else all")
     if sizes_help:
         g = p.add_mutually_exclusive_group()
         g.add_argument("--sizes", help=sizes_help)
@@ -75,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--out", type=Path, default=Path("runs/toy.h5"))
     toy.add_argument("--resume", action="store_true", help="overwrite an existing --out (the toy takes seconds)")
     toy.add_argument("--no-plot", action="store_true")
+    mrg = sub.add_parser("merge", help="join shard files into the file an unsharded run writes")
+    mrg.add_argument("out", type=Path)
+    mrg.add_argument("shards", type=Path, nargs="+")
     for name, what in (("plot", "draw the figure for a run file"), ("info", "what a run file holds")):
         q = sub.add_parser(name, help=what)
         q.add_argument("file", type=Path)
@@ -114,13 +121,45 @@ def _sizes(args, text, n_pairs, flag="--sizes"):
     return parse_sizes(text, n_pairs, flag)
 
 
-def _out_path(args, experiment: str) -> Path:
+def _shard(args) -> Shard | None:
+    return Shard.parse(args.shard) if args.shard else shard_from_env()
+
+
+def _out_path(args, experiment: str, shard: Shard | None = None) -> Path:
     out = args.out or Path("runs") / f"{experiment}-{args.preset}.h5"
+    if shard is not None:
+        out = shard.file_path(out)
     if out.exists() and not args.resume:
         raise UsageError(f"--out {out}: the file exists; pass --resume to continue it, or choose another --out")
     if out.exists() and out.is_dir():
         raise UsageError(f"--out {out}: is a directory; give a file path ending in .h5")
     return out
+
+
+def _select(shard: Shard | None, costs, n_models: int, groups=None) -> list[int]:
+    """Indices of the models this process trains (all of them without a shard)."""
+    if shard is None:
+        return list(range(n_models))
+    models = partition(costs, shard.count, groups)[shard.index]
+    if not models:
+        raise UsageError(f"--shard {shard}: this shard gets no models; the experiment has only {n_models} "
+                         f"(groups of) models for {shard.count} shards")
+    return models
+
+
+def _shard_info(shard: Shard | None, models: list[int], all_runs) -> dict | None:
+    """Which models of the experiment a shard trains; ``experiment_sha256``
+    identifies the whole experiment's run list, so merge can tell shards of
+    different experiments apart."""
+    if shard is None:
+        return None
+    import dataclasses
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps([dataclasses.asdict(r) for r in all_runs]).encode()).hexdigest()
+    return dict(index=shard.index, count=shard.count, models=models, total=len(all_runs),
+                experiment_sha256=digest)
 
 
 def _check_resumable(out: Path, experiment: str):
@@ -190,13 +229,25 @@ def _train(args, experiment, out, preset, runs, steps, **kw):
     progress = Progress(steps, len(runs), f"{experiment} ({len(runs)} models)", args.quiet)
     try:
         pop = run_experiment(out, experiment, preset.task, preset.model, optim, runs, steps,
-                             backend=args.backend, device=args.device, resume=args.resume,
+                             backend=args.backend, device=local_device(args.device), resume=args.resume,
                              progress=progress, **kw)
     finally:
         progress.close()
     print(f"{experiment}: {len(runs)} models x {steps:,} steps on backend {pop.backend} -> {out}"
           + (f"; {progress.counts}" if progress.counts else ""))
     return pop
+
+
+def _train_selected(args, experiment, out, preset, runs, steps, shard):
+    """Train the shard's share of ``runs`` (or all of them) and draw the figure."""
+    models = _select(shard, [r.train_size * steps for r in runs], len(runs))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _train(args, experiment, out, preset, [runs[i] for i in models], steps,
+           shard=_shard_info(shard, models, runs))
+    if shard is None:
+        _finish(args, out)
+    else:
+        print(f"shard {shard}: models {models} -> {out}; join the shards with: fastgrok merge OUT SHARD...")
 
 
 def _finish(args, out: Path):
@@ -214,13 +265,12 @@ def cmd_grid(args, experiment):
     steps = _positive(args.steps if args.steps is not None else d["steps"], "--steps")
     lrs = parse_floats(args.lr or preset.optim.lr, "--lr", 0.0, strict=True)
     wds = parse_floats(args.wd if args.wd is not None else preset.optim.weight_decay, "--wd", 0.0, strict=False)
-    out = _out_path(args, experiment)
+    shard = _shard(args)
+    out = _out_path(args, experiment, shard)
     if args.resume:
         _check_resumable(out, experiment)
     runs = grid_runs(sizes, seeds, lrs, wds)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _train(args, experiment, out, preset, runs, steps)
-    _finish(args, out)
+    _train_selected(args, experiment, out, preset, runs, steps, shard)
 
 
 def cmd_ungrok(args):
@@ -239,7 +289,8 @@ def cmd_ungrok(args):
         raise UsageError(f"--lr {args.lr}: ungrok takes one learning rate (it sweeps D' and --wd)")
     wds = parse_floats(args.wd or d["wd"], "--wd", 0.0, strict=False)
     parse_floats(args.pretrain_wd, "--pretrain-wd", 0.0, strict=False)
-    out = _out_path(args, "ungrok")
+    shard = _shard(args)
+    out = _out_path(args, "ungrok", shard)
     pre = pretrain_path(out)
     if pre.exists() and not args.resume:
         raise UsageError(f"--out {out}: its pre-training file {pre} exists; pass --resume or choose another --out")
@@ -247,10 +298,20 @@ def cmd_ungrok(args):
         _check_resumable(out, "ungrok")
         _check_resumable(pre, "ungrok.pretrain")
     plan = ungrok_plan(n_pairs, sizes, seeds, lrs[0], wds, args.pretrain_wd)
+    # A seed's pre-training model and its continuations stay in one shard.
+    costs = [r.train_size * pre_steps for r in plan.pretrain] + [r.train_size * steps for r in plan.continuation]
+    groups = list(range(seeds)) + plan.sources
+    chosen = _select(shard, costs, len(costs), groups)
+    pre_models = [i for i in chosen if i < seeds]
+    cont_models = [i - seeds for i in chosen if i >= seeds]
     out.parent.mkdir(parents=True, exist_ok=True)
-    _train(args, "ungrok.pretrain", pre, preset, plan.pretrain, pre_steps)
-    _train(args, "ungrok", out, preset, plan.continuation, steps, init_from=InitFrom(pre, plan.sources))
-    _finish(args, out)
+    _train(args, "ungrok.pretrain", pre, preset, [plan.pretrain[i] for i in pre_models], pre_steps,
+           shard=_shard_info(shard, pre_models, plan.pretrain))
+    sources = [pre_models.index(plan.sources[i]) for i in cont_models]
+    _train(args, "ungrok", out, preset, [plan.continuation[i] for i in cont_models], steps,
+           init_from=InitFrom(pre, sources), shard=_shard_info(shard, cont_models, plan.continuation))
+    if shard is None:
+        _finish(args, out)
 
 
 def cmd_efficiency(args):
@@ -266,13 +327,12 @@ def cmd_efficiency(args):
     steps = _positive(args.steps if args.steps is not None else d["steps"], "--steps")
     lrs = parse_floats(args.lr or preset.optim.lr, "--lr", 0.0, strict=True)
     wds = parse_floats(args.wd or d["wd"], "--wd", 0.0, strict=False)
-    out = _out_path(args, "efficiency")
+    shard = _shard(args)
+    out = _out_path(args, "efficiency", shard)
     if args.resume:
         _check_resumable(out, "efficiency")
     runs = grid_runs(mem_sizes, seeds, lrs, wds, random_labels=True) + grid_runs(gen_sizes, seeds, lrs, wds)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _train(args, "efficiency", out, preset, runs, steps)
-    _finish(args, out)
+    _train_selected(args, "efficiency", out, preset, runs, steps, shard)
 
 
 def cmd_toy(args):
@@ -288,6 +348,23 @@ def cmd_toy(args):
         print(f"toy column {column}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
     print(f"toy -> {args.out}")
     _finish(args, args.out)
+
+
+def cmd_merge(args):
+    from fastgrok.experiments import file_experiment
+    from fastgrok.merge import merge
+    from fastgrok.store import read_run
+
+    experiments = {file_experiment(p) for p in args.shards}
+    if len(experiments) > 1:
+        raise UsageError(f"merge: the shards hold different experiments {sorted(experiments)}")
+    if experiments == {"ungrok"}:
+        # The continuation's models start from the pre-training shards: join those too.
+        sources = list(dict.fromkeys(Path(read_run(p).header.init_from["source"]) for p in args.shards))
+        pre = pretrain_path(args.out)
+        if not pre.exists():
+            print(f"merged pre-training -> {merge(pre, sources)}")
+    print(f"merged {len(args.shards)} shards -> {merge(args.out, args.shards)}")
 
 
 def cmd_plot(args):
@@ -311,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("sweep", "grok"):
             cmd_grid(args, args.command)
         else:
-            {"ungrok": cmd_ungrok, "efficiency": cmd_efficiency, "toy": cmd_toy,
+            {"ungrok": cmd_ungrok, "efficiency": cmd_efficiency, "toy": cmd_toy, "merge": cmd_merge,
              "plot": cmd_plot, "info": cmd_info}[args.command](args)
     except (UsageError, ValueError, FileExistsError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -108,6 +108,7 @@ def run_experiment(
     checkpoint_seconds: float = 60.0,
     checkpoint_every: int | None = None,
     max_write_fraction: float = 0.02,
+    shard: dict | None = None,
 ) -> Population:
     """Train ``runs`` for ``steps`` steps into the run file at ``path``; returns the population.
 
@@ -115,6 +116,8 @@ def run_experiment(
             without it an existing file is an error.
     snapshot_steps: steps whose parameters are kept in the file (for export).
     init_from: initial parameters from another run (see ``InitFrom``).
+    shard: which models of a larger experiment these runs are (recorded in
+           the file's header for ``fastgrok.merge``; see ``RunHeader``).
     """
     path = Path(path)
     if not isinstance(experiment, str) or not experiment:
@@ -137,7 +140,7 @@ def run_experiment(
     if initial is not None and len(initial) != pop.M:
         raise ValueError(f"init_from lists {len(initial)} source models; the population has {pop.M}")
     header = RunHeader(experiment, task_cfg, model_cfg, optim_cfg, tuple(runs), schedule,
-                       json.loads(json.dumps(provenance)))
+                       json.loads(json.dumps(provenance)), shard)
     evaluator = Evaluator(pop)
     return _Loop(path, header, pop, evaluator, steps, initial, progress, snapshot_steps,
                  checkpoint_seconds, checkpoint_every, max_write_fraction).run()

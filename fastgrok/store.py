@@ -24,7 +24,7 @@ Layout (schema 1; every array is plain HDF5, readable without fastgrok):
 
     /                  attrs: schema_version, fastgrok_version, numpy_version,
                        torch_version, experiment, task, model, optim, schedule,
-                       init_from (JSON), param_layout (JSON: names, shapes in
+                       init_from, shard (JSON), param_layout (JSON: names, shapes in
                        flat order), steps (target), backend, complete,
                        seconds_train / seconds_eval / seconds_write (cumulative)
     /runs/<field>      (M,) one column per RunSpec field
@@ -84,6 +84,9 @@ class RunHeader:
 
     init_from: provenance of non-default initial parameters (JSON-able dict,
     see ``fastgrok.runner.InitFrom``), or None for seeded initialisation.
+    shard: for one shard of a larger experiment (``fastgrok.shard``),
+    ``{"index": K, "count": N, "models": [experiment model index of each
+    model here], "total": M}``; None for a whole experiment.
     """
 
     experiment: str
@@ -93,6 +96,7 @@ class RunHeader:
     runs: tuple[RunSpec, ...]
     schedule: EvalSchedule
     init_from: dict | None = None
+    shard: dict | None = None
 
     def config_json(self) -> dict[str, str]:
         return {
@@ -101,6 +105,7 @@ class RunHeader:
             "optim": json.dumps(dataclasses.asdict(self.optim)),
             "schedule": json.dumps(dataclasses.asdict(self.schedule)),
             "init_from": json.dumps(self.init_from, sort_keys=True),
+            "shard": json.dumps(self.shard, sort_keys=True),
         }
 
     def check_same_run(self, stored: "RunHeader", path) -> None:
@@ -108,7 +113,7 @@ class RunHeader:
         if stored.experiment != self.experiment:
             raise ValueError(f"{path} holds experiment {stored.experiment!r}, not {self.experiment!r}; "
                              f"resume it under its own name or write to a new file")
-        for name in ("task", "model", "optim", "schedule", "init_from"):
+        for name in ("task", "model", "optim", "schedule", "init_from", "shard"):
             ours, theirs = getattr(self, name), getattr(stored, name)
             if name == "init_from":
                 # The parameters themselves are the identity; the source path may have moved.
@@ -140,6 +145,7 @@ def _header_from_file(f: h5py.File) -> RunHeader:
         runs=runs,
         schedule=EvalSchedule(**json.loads(a["schedule"])),
         init_from=json.loads(a["init_from"]),
+        shard=json.loads(a.get("shard", "null")),
     )
 
 
