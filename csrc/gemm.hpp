@@ -112,41 +112,52 @@ void gemm(int m, int n, int k, const Real* A, std::ptrdiff_t rsa, std::ptrdiff_t
     }
 }
 
+namespace detail {
+
+// A RA x RB block of gemm_nt: RA rows of A against RB rows of B, RA * RB
+// vector accumulators, one horizontal sum per output at the end.
+template <typename Real, int RA, int RB>
+void nt_block(int k, const Real* A, std::ptrdiff_t lda, const Real* B, std::ptrdiff_t ldb, Real* C,
+              std::ptrdiff_t ldc, bool accumulate) {
+    using S = Simd<Real>;
+    const int kv = k / S::L * S::L;
+    typename S::reg acc[RA][RB];
+    for (int i = 0; i < RA; ++i)
+        for (int j = 0; j < RB; ++j) acc[i][j] = S::zero();
+    for (int p = 0; p < kv; p += S::L) {
+        typename S::reg a[RA];
+        for (int i = 0; i < RA; ++i) a[i] = S::load(A + i * lda + p);
+        for (int j = 0; j < RB; ++j) {
+            const auto b = S::load(B + j * ldb + p);
+            for (int i = 0; i < RA; ++i) acc[i][j] += a[i] * b;
+        }
+    }
+    for (int i = 0; i < RA; ++i)
+        for (int j = 0; j < RB; ++j) {
+            Real dot = S::hsum(acc[i][j]);
+            for (int p = kv; p < k; ++p) dot += A[i * lda + p] * B[j * ldb + p];
+            Real& c = C[i * ldc + j];
+            c = accumulate ? c + dot : dot;
+        }
+}
+
+template <typename Real, int RA>
+void nt_row_block(int n, int k, const Real* A, std::ptrdiff_t lda, const Real* B, std::ptrdiff_t ldb, Real* C,
+                  std::ptrdiff_t ldc, bool accumulate) {
+    int j = 0;
+    for (; j + 4 <= n; j += 4) nt_block<Real, RA, 4>(k, A, lda, B + j * ldb, ldb, C + j, ldc, accumulate);
+    for (; j < n; ++j) nt_block<Real, RA, 1>(k, A, lda, B + j * ldb, ldb, C + j, ldc, accumulate);
+}
+
+}  // namespace detail
+
 template <typename Real>
 void gemm_nt(int m, int n, int k, const Real* A, std::ptrdiff_t lda, const Real* B,
              std::ptrdiff_t ldb, Real* C, std::ptrdiff_t ldc, bool accumulate) {
-    using S = Simd<Real>;
-    const int kv = k / S::L * S::L;
-    auto tail = [&](const Real* a, const Real* b) {
-        Real s = 0;
-        for (int p = kv; p < k; ++p) s += a[p] * b[p];
-        return s;
-    };
-    for (int i = 0; i < m; ++i) {
-        const Real* a = A + i * lda;
-        Real* c = C + i * ldc;
-        int j = 0;
-        // Four rows of B per pass share each load of A's row.
-        for (; j + 4 <= n; j += 4) {
-            const Real* b = B + j * ldb;
-            typename S::reg acc[4] = {};
-            for (int p = 0; p < kv; p += S::L) {
-                const auto ap = S::load(a + p);
-                for (int u = 0; u < 4; ++u) acc[u] += ap * S::load(b + u * ldb + p);
-            }
-            for (int u = 0; u < 4; ++u) {
-                const Real dot = S::hsum(acc[u]) + tail(a, b + u * ldb);
-                c[j + u] = accumulate ? c[j + u] + dot : dot;
-            }
-        }
-        for (; j < n; ++j) {
-            const Real* b = B + j * ldb;
-            typename S::reg acc = {};
-            for (int p = 0; p < kv; p += S::L) acc += S::load(a + p) * S::load(b + p);
-            const Real dot = S::hsum(acc) + tail(a, b);
-            c[j] = accumulate ? c[j] + dot : dot;
-        }
-    }
+    // 4 x 4 blocks: 8 loads feed 16 FMAs, so the loop is bound by FMAs, not loads.
+    int i = 0;
+    for (; i + 4 <= m; i += 4) detail::nt_row_block<Real, 4>(n, k, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+    for (; i < m; ++i) detail::nt_row_block<Real, 1>(n, k, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
 }
 
 }  // namespace fastgrok
