@@ -22,12 +22,17 @@
 // and per step the chain rule back through the table products to W_O, W_in,
 // W_out, W_U, V_tab, then the key/value/query tables as in the batched engine.
 //
+// The rows of positions 1 and 3 (operator, =) are the same for every example,
+// so their share of the sums above is a GEMM per tile of examples; only the
+// x and y rows (2H per example) are gathered, dotted and scattered one by one.
+//
 // Multiply-adds at the paper config (p = 113, D = 128, H = 4, Dh = 32,
-// F = 512, V = 115): per example 3*F*V + 4*4H*F + 4*4H*V ~ 0.21 M (the
-// batched engine: 3*(H*Dh*D + 2*D*F + D*V) ~ 0.49 M); per model and step
-// ~ 75 M for the tables (three H*Dh*D*F and three R*H*Dh*F products, three
-// F*D*V ones, the key/value tables). At D = 2000 a model-step is ~1.0 GFLOP
-// against the batched engine's ~2.0.
+// F = 512, V = 115): per example 3*F*V + 12*H*(F + V) = 0.21 M (the batched
+// engine: 3*(H*Dh*D + 2*D*F + D*V) = 0.49 M); per model and step 0.13 G for
+// the tables (R*H*Dh*(F + V) products three times, H*Dh*D*(F + V) three
+// times, F*D*V three times, the key/value tables), counted exactly by
+// fastgrok.cpu_engine.flops_per_model_step. At D = 2000 a model-step is
+// 1.09 GFLOP against the batched engine's 1.99.
 //
 // Memory and locality. Examples are sorted by (x, y) and walked in blocks of
 // X_BLOCK x values. The x rows of U, UU (and their gradients) exist only for
@@ -512,7 +517,7 @@ template <typename Real>
 std::size_t Engine<Real>::scratch_bytes() const {
     std::size_t bytes = 0;
     for (auto& w : workspaces_) bytes += w->bytes();
-    for (auto& g : shard_grads_) bytes += g->bytes();
+    for (auto& g : accumulators_) bytes += g->bytes();
     for (auto& t : tiles_) bytes += t->bytes();
     return bytes;
 }
@@ -826,13 +831,13 @@ void Engine<Real>::step(Real* params, Real* grads, Real* exp_avg, Real* exp_avg_
     if (M >= threads) {
         // Whole models per thread.
         while (int(workspaces_.size()) < threads) workspaces_.push_back(std::make_unique<Workspace<Real>>(shape_));
-        while (int(shard_grads_.size()) < threads) shard_grads_.push_back(std::make_unique<ExampleGrads<Real>>(shape_));
+        while (int(accumulators_.size()) < threads) accumulators_.push_back(std::make_unique<ExampleGrads<Real>>(shape_));
         while (int(tiles_.size()) < threads) tiles_.push_back(std::make_unique<TileScratch<Real>>(shape_));
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
         for (int m = 0; m < M; ++m) {
             const int tid = thread_id();
             Workspace<Real>& ws = *workspaces_[tid];
-            ExampleGrads<Real>& acc = *shard_grads_[tid];
+            ExampleGrads<Real>& acc = *accumulators_[tid];
             tables_forward(shape_, ParamPtrs<Real>(params + std::size_t(m) * P, layout_), ws);
             acc.zero();
             examples(m, 0, blocks, ws, acc, *tiles_[tid]);
@@ -844,7 +849,7 @@ void Engine<Real>::step(Real* params, Real* grads, Real* exp_avg, Real* exp_avg_
     // Fewer models than threads: shards of x blocks per model.
     const int shards = std::min((threads + M - 1) / M, blocks);
     while (int(workspaces_.size()) < M) workspaces_.push_back(std::make_unique<Workspace<Real>>(shape_));
-    while (int(shard_grads_.size()) < M * shards) shard_grads_.push_back(std::make_unique<ExampleGrads<Real>>(shape_));
+    while (int(accumulators_.size()) < M * shards) accumulators_.push_back(std::make_unique<ExampleGrads<Real>>(shape_));
     while (int(tiles_.size()) < threads) tiles_.push_back(std::make_unique<TileScratch<Real>>(shape_));
 #pragma omp parallel num_threads(threads)
     {
@@ -854,14 +859,14 @@ void Engine<Real>::step(Real* params, Real* grads, Real* exp_avg, Real* exp_avg_
 #pragma omp for schedule(dynamic, 1)
         for (int item = 0; item < M * shards; ++item) {
             const int m = item / shards, s = item % shards;
-            ExampleGrads<Real>& acc = *shard_grads_[item];
+            ExampleGrads<Real>& acc = *accumulators_[item];
             acc.zero();
             examples(m, blocks * s / shards, blocks * (s + 1) / shards, *workspaces_[m], acc, *tiles_[thread_id()]);
         }
 #pragma omp for schedule(dynamic, 1)
         for (int m = 0; m < M; ++m) {
-            ExampleGrads<Real>& acc = *shard_grads_[std::size_t(m) * shards];
-            for (int s = 1; s < shards; ++s) acc.add(*shard_grads_[std::size_t(m) * shards + s]);
+            ExampleGrads<Real>& acc = *accumulators_[std::size_t(m) * shards];
+            for (int s = 1; s < shards; ++s) acc.add(*accumulators_[std::size_t(m) * shards + s]);
             finish_model(m, params, grads, exp_avg, exp_avg_sq, adamw_args, acc, *workspaces_[m], out);
         }
     }

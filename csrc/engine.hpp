@@ -86,7 +86,8 @@ class Engine {
     ParamLayout layout_;
     const TrainingSet& data_;
     std::vector<std::unique_ptr<Workspace<Real>>> workspaces_;
-    std::vector<std::unique_ptr<ExampleGrads<Real>>> shard_grads_;
+    // Example-gradient sums: one per thread, or one per (model, shard) when sharded.
+    std::vector<std::unique_ptr<ExampleGrads<Real>>> accumulators_;
     std::vector<std::unique_ptr<TileScratch<Real>>> tiles_;
 
     void examples(int m, int block_begin, int block_end, const Workspace<Real>& ws,
