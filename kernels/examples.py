@@ -1,0 +1,456 @@
+"""Launch 2 of the fused step: forward and backward of every training example.
+
+Tiles: a model with D_m examples owns cdiv(D_m, BLOCK_N) tiles of BLOCK_N
+example slots (a host-built list in model-major order), so ragged training
+sets waste at most one partial tile per model. The tail slots of that tile
+repeat the model's last example with weight 0: a real example of the same
+model, so padding never creates a non-finite value the model did not already
+have. Grid: a persistent one, ``programs`` programs (one per SM by default)
+that take tiles in turn; model-major order keeps the tiles running at the
+same time on few models, whose weights (0.9 MB at the paper config) stay in L2.
+
+Per example only the last position is computed (fastgrok.engine docstring);
+its four attention scores and values are gathered from launch 1's row tables:
+
+    a = softmax_4(S_tab[x-row], S_tab[op], S_tab[y-row], S_tab[=])  per head
+    z = sum_t a_t V_tab[row_t]                         (H*Dh,)
+    resid_mid = c + z W_O,  hidden = relu(resid_mid W_in + b_in)
+    resid_fin = resid_mid + hidden W_out + b_out,  logits = resid_fin W_U
+
+then the stable cross-entropy of fastgrok.model (max subtracted, log1p of the
+wrong-class mass when the label is the argmax, the label's gradient
+-(sum of the others)) in two passes over BLOCK_C logits at a time (online max
+and rescaled wrong-class mass, then the gradient; the logits are computed
+twice, +3% FLOPs), scaled by the example's weight 1/D_m, and the backward pass.
+
+Every matmul is a chain link (kernels.layout.gemm): an output chunk of
+BLOCK_C columns at a time, its operands streamed from memory BLOCK_K at a
+time. The tile's activations (z, resid_mid, hidden then dpre, resid_fin then
+dresid, dlogits, d resid_mid: BLOCK_N x 1152 floats at the paper config,
+295 KB at BLOCK_N = 64) live in the program's own scratch row, written once
+and re-read by the next links; with one program per SM the scratch totals
+39 MB on an H100, so it stays in L2. No operand exceeds (64, 32) fp32, which
+is what keeps the kernel within 255 registers: Triton holds a dot's operands
+in registers, and an activation as a whole (BLOCK_N, 512) operand would spill.
+
+Weight gradients of W_O, W_in, b_in, W_out, b_out, W_U and the row-table
+gradients dV, dS, dc are summed over tiles with fp32 atomics (relaxed; the
+summation order, hence the last bits, varies from run to run on a GPU), as are
+the model's loss and the checksum of every contribution. The gradients of
+W_E..W_V follow in launch 3 (kernels.tables_backward).
+
+Limits: n_ctx = 4; dimensions are padded to powers of two and masked; exp,
+log and division use the GPU's fast fp32 instructions (a few ulp). The
+interpreter (TRITON_INTERPRET=1) ignores the dot precision and has no bf16.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastgrok.engine import TableGrads, TokenRows, examples_backward, examples_forward, tables_forward
+from fastgrok.model import PARAM_NAMES, stable_cross_entropy_fwd_bwd
+from kernels.layout import Layout, Workspace, gemm, launch_options
+
+
+def examples_ref(params: dict[str, Tensor], n: int, x: Tensor, y: Tensor, labels: Tensor,
+                 weight: Tensor) -> tuple[Tensor, dict[str, Tensor], TableGrads]:
+    """Loss (M,), the gradients of W_O..W_U and the row-table gradients, in plain torch.
+
+    The batched engine's functions on examples x, y, labels, weight (M, N);
+    returns grads as a dict of (M, ...) tensors and dV (M*R, H, Dh), dS (M*R, H), dc (M, D).
+    """
+    rows = TokenRows(n, x.device)
+    tab = tables_forward(params, rows)
+    M = x.shape[0]
+    _, R, H, Dh = tab.V_tab.shape
+    logits, cache = examples_forward(params, rows, tab, x, y)
+    loss, dlogits = stable_cross_entropy_fwd_bwd(logits, labels)
+    dlogits.mul_(weight.unsqueeze(-1))
+    grads = {k: torch.zeros_like(params[k]) for k in ("W_O", "W_in", "b_in", "W_out", "b_out", "W_U")}
+    acc = TableGrads(dV=tab.V_tab.new_zeros(M * R, H, Dh), dS=tab.S_tab.new_zeros(M * R, H),
+                     dc=tab.R_tab.new_zeros(M, params["W_E"].shape[2]))
+    examples_backward(params, grads, rows, tab, cache, dlogits, acc)
+    return (loss * weight).sum(1), grads, acc
+
+
+@triton.jit
+def _log1p(x):
+    # Kahan's log1p: exact for x below float32's epsilon, where log(1 + x) is 0.
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+@triton.jit
+def _head_attention(S_tab, V_tab, row_x, row_y, h, lanes, mask_l, n: tl.constexpr, H: tl.constexpr,
+                    Dh: tl.constexpr):
+    """Head h's softmax weights a_t (BLOCK_N,) and gathered values (BLOCK_N or 1, BLOCK_DH)."""
+    s0 = tl.load(S_tab + row_x * H + h)
+    s1 = tl.load(S_tab + n * H + h)
+    s2 = tl.load(S_tab + row_y * H + h)
+    s3 = tl.load(S_tab + (2 * n + 1) * H + h)
+    top = tl.maximum(tl.maximum(s0, s1), tl.maximum(s2, s3))
+    a0 = tl.exp(s0 - top)
+    a1 = tl.exp(s1 - top)
+    a2 = tl.exp(s2 - top)
+    a3 = tl.exp(s3 - top)
+    total = a0 + a1 + a2 + a3
+    cols = h * Dh + lanes
+    Vx = tl.load(V_tab + row_x[:, None] * (H * Dh) + cols[None, :], mask=mask_l[None, :], other=0.0)
+    Vy = tl.load(V_tab + row_y[:, None] * (H * Dh) + cols[None, :], mask=mask_l[None, :], other=0.0)
+    V_op = tl.load(V_tab + n * (H * Dh) + cols, mask=mask_l, other=0.0)[None, :]
+    V_eq = tl.load(V_tab + (2 * n + 1) * (H * Dh) + cols, mask=mask_l, other=0.0)[None, :]
+    return a0 / total, a1 / total, a2 / total, a3 / total, Vx, V_op, Vy, V_eq
+
+
+@triton.jit
+def _tile_examples(tile, m, x_ptr, y_ptr, label_ptr, weight_ptr, stride_data, tile_start_ptr, train_size_ptr,
+                   n: tl.constexpr, BLOCK_N: tl.constexpr):
+    """x-row, y-row, label, weight and validity of the tile's BLOCK_N example slots.
+
+    Slots past the model's D_m examples repeat its last example with weight 0.
+    """
+    size = tl.load(train_size_ptr + m)
+    offs_n = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < size
+    example = m * stride_data + tl.minimum(offs_n, size - 1)
+    row_x = tl.load(x_ptr + example).to(tl.int32)
+    row_y = tl.load(y_ptr + example).to(tl.int32) + n + 1
+    label = tl.load(label_ptr + example).to(tl.int32)
+    w = tl.load(weight_ptr + example, mask=mask_n, other=0.0)
+    return row_x, row_y, label, w, mask_n
+
+
+@triton.jit
+def examples_kernel(
+    params_ptr, grads_ptr, V_ptr, S_ptr, dV_ptr, dS_ptr, dc_ptr, loss_ptr, check_ptr, scratch_ptr,
+    x_ptr, y_ptr, label_ptr, weight_ptr, stride_data, tile_model_ptr, tile_start_ptr, train_size_ptr, n_tiles,
+    D: tl.constexpr, H: tl.constexpr, Dh: tl.constexpr, F: tl.constexpr, V: tl.constexpr,
+    OFF_W_E: tl.constexpr, OFF_W_pos: tl.constexpr, OFF_W_Q: tl.constexpr, OFF_W_K: tl.constexpr,
+    OFF_W_V: tl.constexpr, OFF_W_O: tl.constexpr, OFF_W_in: tl.constexpr, OFF_b_in: tl.constexpr,
+    OFF_W_out: tl.constexpr, OFF_b_out: tl.constexpr, OFF_W_U: tl.constexpr, P: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DH: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    n: tl.constexpr = V - 2
+    R: tl.constexpr = 2 * n + 2
+    HD: tl.constexpr = H * Dh
+    # This program's scratch: (BLOCK_N, .) activations of its current tile.
+    Z: tl.constexpr = 0                      # z, attention output     (BLOCK_N, HD)
+    RM: tl.constexpr = Z + BLOCK_N * HD      # resid_mid               (BLOCK_N, D)
+    HID: tl.constexpr = RM + BLOCK_N * D     # hidden, then dpre       (BLOCK_N, F)
+    RF: tl.constexpr = HID + BLOCK_N * F     # resid_fin, then dresid  (BLOCK_N, D)
+    DL: tl.constexpr = RF + BLOCK_N * D      # dlogits                 (BLOCK_N, V)
+    DRM: tl.constexpr = DL + BLOCK_N * V     # d resid_mid             (BLOCK_N, D)
+    SCRATCH: tl.constexpr = DRM + BLOCK_N * D
+    scratch = scratch_ptr + tl.program_id(0).to(tl.int64) * SCRATCH
+    rows = tl.arange(0, BLOCK_N)
+    all_rows = rows < BLOCK_N
+    chunk = tl.arange(0, BLOCK_C)
+    lanes = tl.arange(0, BLOCK_DH)
+    mask_l = lanes < Dh
+
+    for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), disable_licm=True):
+        # Per-example vectors are loaded again where they are used rather than
+        # kept live through the whole tile (registers are the scarce resource).
+        m = tl.load(tile_model_ptr + tile).to(tl.int64)
+        p = params_ptr + m * P
+        g = grads_ptr + m * P
+        S_tab = S_ptr + m * (R * H)
+        V_tab = V_ptr + m * (R * HD)
+        checksum = tl.zeros((), tl.float32)
+
+        # z = sum_t a_t V_tab[row_t], a = softmax over the 4 positions, per head.
+        row_x, row_y, _, _, _ = _tile_examples(tile, m, x_ptr, y_ptr, label_ptr, weight_ptr, stride_data,
+                                               tile_start_ptr, train_size_ptr, n, BLOCK_N)
+        for h in range(H):
+            a0, a1, a2, a3, Vx, V_op, Vy, V_eq = _head_attention(S_tab, V_tab, row_x, row_y, h, lanes, mask_l,
+                                                                 n, H, Dh)
+            z = a0[:, None] * Vx + a1[:, None] * V_op + a2[:, None] * Vy + a3[:, None] * V_eq
+            tl.store(scratch + Z + rows[:, None] * HD + (h * Dh + lanes)[None, :], z, mask=mask_l[None, :])
+        tl.debug_barrier()
+
+        # resid_mid = c + z W_O (W_O as an (H*Dh, D) matrix).
+        for j0 in range(0, D, BLOCK_C):
+            offs_j = j0 + chunk
+            mask_j = offs_j < D
+            c = (tl.load(p + OFF_W_E + (n + 1) * D + offs_j, mask=mask_j, other=0.0)
+                 + tl.load(p + OFF_W_pos + 3 * D + offs_j, mask=mask_j, other=0.0))
+            acc = gemm(tl.zeros((BLOCK_N, BLOCK_C), tl.float32) + c[None, :], scratch + Z, HD, 1, rows, all_rows,
+                       p + OFF_W_O, D, 1, offs_j, mask_j, HD, BLOCK_K, PRECISION)
+            tl.store(scratch + RM + rows[:, None] * D + offs_j[None, :], acc, mask=mask_j[None, :])
+        tl.debug_barrier()
+
+        # hidden = relu(resid_mid W_in + b_in); a NaN stays NaN, as in torch.relu.
+        for f0 in range(0, F, BLOCK_C):
+            offs_f = f0 + chunk
+            mask_f = offs_f < F
+            b_in = tl.load(p + OFF_b_in + offs_f, mask=mask_f, other=0.0)
+            acc = gemm(tl.zeros((BLOCK_N, BLOCK_C), tl.float32) + b_in[None, :], scratch + RM, D, 1, rows,
+                       all_rows, p + OFF_W_in, F, 1, offs_f, mask_f, D, BLOCK_K, PRECISION)
+            hidden = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
+            tl.store(scratch + HID + rows[:, None] * F + offs_f[None, :], hidden, mask=mask_f[None, :])
+        tl.debug_barrier()
+
+        # resid_fin = resid_mid + b_out + hidden W_out
+        for j0 in range(0, D, BLOCK_C):
+            offs_j = j0 + chunk
+            mask_j = offs_j < D
+            acc = (tl.load(scratch + RM + rows[:, None] * D + offs_j[None, :], mask=mask_j[None, :], other=0.0)
+                   + tl.load(p + OFF_b_out + offs_j, mask=mask_j, other=0.0)[None, :])
+            acc = gemm(acc, scratch + HID, F, 1, rows, all_rows, p + OFF_W_out, D, 1, offs_j, mask_j, F, BLOCK_K,
+                       PRECISION)
+            tl.store(scratch + RF + rows[:, None] * D + offs_j[None, :], acc, mask=mask_j[None, :])
+        tl.debug_barrier()
+
+        # Cross-entropy, BLOCK_C logits at a time. The first pass keeps the running
+        # max, the label's logit and the wrong-class mass rescaled to the max, so
+        # the loss is fastgrok.model.stable_cross_entropy_fwd_bwd's.
+        _, _, label, w, _ = _tile_examples(tile, m, x_ptr, y_ptr, label_ptr, weight_ptr, stride_data,
+                                           tile_start_ptr, train_size_ptr, n, BLOCK_N)
+        top = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+        other = tl.zeros((BLOCK_N,), tl.float32)
+        z_label = tl.zeros((BLOCK_N,), tl.float32)
+        for v0 in range(0, V, BLOCK_C):
+            offs_v = v0 + chunk
+            mask_v = offs_v < V
+            logits = gemm(tl.zeros((BLOCK_N, BLOCK_C), tl.float32), scratch + RF, D, 1, rows, all_rows,
+                          p + OFF_W_U, V, 1, offs_v, mask_v, D, BLOCK_K, PRECISION)
+            logits = tl.where(mask_v[None, :], logits, float("-inf"))
+            is_label = offs_v[None, :] == label[:, None]
+            z_label += tl.sum(tl.where(is_label, logits, 0.0), axis=1)
+            new_top = tl.maximum(top, tl.max(logits, axis=1))
+            wrong = tl.where(is_label, 0.0, tl.exp(logits - new_top[:, None]))
+            other = other * tl.exp(top - new_top) + tl.sum(wrong, axis=1)
+            top = new_top
+        z_y = z_label - top
+        total = other + tl.exp(z_y)
+        loss = tl.where(z_y == 0.0, _log1p(other), tl.log(total) - z_y)
+        tl.atomic_add(loss_ptr + m, tl.sum(loss * w, axis=0), sem="relaxed")
+
+        # Second pass: dlogits (logits recomputed), weighted by 1/D_m; the
+        # label's gradient is -(sum of the others).
+        dlabel = -other / total * w
+        for v0 in range(0, V, BLOCK_C):
+            offs_v = v0 + chunk
+            mask_v = offs_v < V
+            logits = gemm(tl.zeros((BLOCK_N, BLOCK_C), tl.float32), scratch + RF, D, 1, rows, all_rows,
+                          p + OFF_W_U, V, 1, offs_v, mask_v, D, BLOCK_K, PRECISION)
+            prob = tl.exp(logits - top[:, None]) / total[:, None] * w[:, None]
+            is_label = offs_v[None, :] == label[:, None]
+            tl.store(scratch + DL + rows[:, None] * V + offs_v[None, :], tl.where(is_label, dlabel[:, None], prob),
+                     mask=mask_v[None, :])
+        tl.debug_barrier()
+
+        # dW_U = resid_fin^T dlogits, summed over the tile's examples.
+        for i0 in range(0, D, BLOCK_C):
+            offs_i = i0 + chunk
+            mask_i = offs_i < D
+            for j0 in range(0, V, BLOCK_C):
+                offs_j = j0 + chunk
+                mask_j = offs_j < V
+                acc = gemm(tl.zeros((BLOCK_C, BLOCK_C), tl.float32), scratch + RF, 1, D, offs_i, mask_i,
+                           scratch + DL, V, 1, offs_j, mask_j, BLOCK_N, BLOCK_K, PRECISION)
+                tl.atomic_add(g + OFF_W_U + offs_i[:, None] * V + offs_j[None, :], acc,
+                              mask=mask_i[:, None] & mask_j[None, :], sem="relaxed")
+                checksum += tl.sum(tl.sum(acc, axis=1), axis=0)
+        tl.debug_barrier()
+
+        # dresid = dlogits W_U^T, over resid_fin's scratch; its sum is db_out.
+        for j0 in range(0, D, BLOCK_C):
+            offs_j = j0 + chunk
+            mask_j = offs_j < D
+            acc = gemm(tl.zeros((BLOCK_N, BLOCK_C), tl.float32), scratch + DL, V, 1, rows, all_rows,
+                       p + OFF_W_U, 1, V, offs_j, mask_j, V, BLOCK_K, PRECISION)
+            tl.store(scratch + RF + rows[:, None] * D + offs_j[None, :], acc, mask=mask_j[None, :])
+            db_out = tl.sum(acc, axis=0)
+            tl.atomic_add(g + OFF_b_out + offs_j, db_out, mask=mask_j, sem="relaxed")
+            checksum += tl.sum(db_out, axis=0)
+        tl.debug_barrier()
+
+        # dW_out = hidden^T dresid
+        for i0 in range(0, F, BLOCK_C):
+            offs_i = i0 + chunk
+            mask_i = offs_i < F
+            for j0 in range(0, D, BLOCK_C):
+                offs_j = j0 + chunk
+                mask_j = offs_j < D
+                acc = gemm(tl.zeros((BLOCK_C, BLOCK_C), tl.float32), scratch + HID, 1, F, offs_i, mask_i,
+                           scratch + RF, D, 1, offs_j, mask_j, BLOCK_N, BLOCK_K, PRECISION)
+                tl.atomic_add(g + OFF_W_out + offs_i[:, None] * D + offs_j[None, :], acc,
+                              mask=mask_i[:, None] & mask_j[None, :], sem="relaxed")
+                checksum += tl.sum(tl.sum(acc, axis=1), axis=0)
+        tl.debug_barrier()
+
+        # dpre = (dresid W_out^T) where hidden > 0, over hidden's scratch; db_in.
+        for f0 in range(0, F, BLOCK_C):
+            offs_f = f0 + chunk
+            mask_f = offs_f < F
+            acc = gemm(tl.zeros((BLOCK_N, BLOCK_C), tl.float32), scratch + RF, D, 1, rows, all_rows,
+                       p + OFF_W_out, 1, D, offs_f, mask_f, D, BLOCK_K, PRECISION)
+            hid_offs = scratch + HID + rows[:, None] * F + offs_f[None, :]
+            dpre = tl.where(tl.load(hid_offs, mask=mask_f[None, :], other=0.0) > 0.0, acc, 0.0)
+            tl.debug_barrier()  # every thread has read this chunk of hidden before it is overwritten
+            tl.store(hid_offs, dpre, mask=mask_f[None, :])
+            db_in = tl.sum(dpre, axis=0)
+            tl.atomic_add(g + OFF_b_in + offs_f, db_in, mask=mask_f, sem="relaxed")
+            checksum += tl.sum(db_in, axis=0)
+        tl.debug_barrier()
+
+        # dW_in = resid_mid^T dpre
+        for i0 in range(0, D, BLOCK_C):
+            offs_i = i0 + chunk
+            mask_i = offs_i < D
+            for j0 in range(0, F, BLOCK_C):
+                offs_j = j0 + chunk
+                mask_j = offs_j < F
+                acc = gemm(tl.zeros((BLOCK_C, BLOCK_C), tl.float32), scratch + RM, 1, D, offs_i, mask_i,
+                           scratch + HID, F, 1, offs_j, mask_j, BLOCK_N, BLOCK_K, PRECISION)
+                tl.atomic_add(g + OFF_W_in + offs_i[:, None] * F + offs_j[None, :], acc,
+                              mask=mask_i[:, None] & mask_j[None, :], sem="relaxed")
+                checksum += tl.sum(tl.sum(acc, axis=1), axis=0)
+
+        # d resid_mid = dresid + dpre W_in^T; its sum is the last position's dc.
+        for j0 in range(0, D, BLOCK_C):
+            offs_j = j0 + chunk
+            mask_j = offs_j < D
+            acc = tl.load(scratch + RF + rows[:, None] * D + offs_j[None, :], mask=mask_j[None, :], other=0.0)
+            acc = gemm(acc, scratch + HID, F, 1, rows, all_rows, p + OFF_W_in, 1, F, offs_j, mask_j, F, BLOCK_K,
+                       PRECISION)
+            tl.store(scratch + DRM + rows[:, None] * D + offs_j[None, :], acc, mask=mask_j[None, :])
+            dc = tl.sum(acc, axis=0)
+            tl.atomic_add(dc_ptr + m * D + offs_j, dc, mask=mask_j, sem="relaxed")
+            checksum += tl.sum(dc, axis=0)
+        tl.debug_barrier()
+
+        # dW_O = z^T d resid_mid
+        for i0 in range(0, HD, BLOCK_C):
+            offs_i = i0 + chunk
+            mask_i = offs_i < HD
+            for j0 in range(0, D, BLOCK_C):
+                offs_j = j0 + chunk
+                mask_j = offs_j < D
+                acc = gemm(tl.zeros((BLOCK_C, BLOCK_C), tl.float32), scratch + Z, 1, HD, offs_i, mask_i,
+                           scratch + DRM, D, 1, offs_j, mask_j, BLOCK_N, BLOCK_K, PRECISION)
+                tl.atomic_add(g + OFF_W_O + offs_i[:, None] * D + offs_j[None, :], acc,
+                              mask=mask_i[:, None] & mask_j[None, :], sem="relaxed")
+                checksum += tl.sum(tl.sum(acc, axis=1), axis=0)
+
+        # Per head: dz = d resid_mid W_O[h]^T, the softmax backward over the four
+        # positions, and the gradients onto the rows: x and y rows per example,
+        # the op and '=' rows summed over the tile.
+        dV_tab = dV_ptr + m * (R * HD)
+        dS_tab = dS_ptr + m * (R * H)
+        row_x, row_y, _, _, mask_n = _tile_examples(tile, m, x_ptr, y_ptr, label_ptr, weight_ptr, stride_data,
+                                                    tile_start_ptr, train_size_ptr, n, BLOCK_N)
+        mask_nl = mask_n[:, None] & mask_l[None, :]
+        for h in range(H):
+            dz = gemm(tl.zeros((BLOCK_N, BLOCK_DH), tl.float32), scratch + DRM, D, 1, rows, all_rows,
+                      p + OFF_W_O + h * Dh * D, 1, D, lanes, mask_l, D, BLOCK_K, PRECISION)
+            a0, a1, a2, a3, Vx, V_op, Vy, V_eq = _head_attention(S_tab, V_tab, row_x, row_y, h, lanes, mask_l,
+                                                                 n, H, Dh)
+            da0 = tl.sum(dz * Vx, axis=1)
+            da1 = tl.sum(dz * V_op, axis=1)
+            da2 = tl.sum(dz * Vy, axis=1)
+            da3 = tl.sum(dz * V_eq, axis=1)
+            mean_da = a0 * da0 + a1 * da1 + a2 * da2 + a3 * da3
+            cols = h * Dh + lanes
+            dVx = tl.where(mask_nl, a0[:, None] * dz, 0.0)
+            dVy = tl.where(mask_nl, a2[:, None] * dz, 0.0)
+            dV_op = tl.sum(a1[:, None] * dz, axis=0)
+            dV_eq = tl.sum(a3[:, None] * dz, axis=0)
+            tl.atomic_add(dV_tab + row_x[:, None] * HD + cols[None, :], dVx, mask=mask_nl, sem="relaxed")
+            tl.atomic_add(dV_tab + row_y[:, None] * HD + cols[None, :], dVy, mask=mask_nl, sem="relaxed")
+            tl.atomic_add(dV_tab + n * HD + cols, dV_op, mask=mask_l, sem="relaxed")
+            tl.atomic_add(dV_tab + (2 * n + 1) * HD + cols, dV_eq, mask=mask_l, sem="relaxed")
+            ds_x = tl.where(mask_n, a0 * (da0 - mean_da), 0.0)
+            ds_y = tl.where(mask_n, a2 * (da2 - mean_da), 0.0)
+            ds_op = tl.sum(a1 * (da1 - mean_da), axis=0)
+            ds_eq = tl.sum(a3 * (da3 - mean_da), axis=0)
+            tl.atomic_add(dS_tab + row_x * H + h, ds_x, mask=mask_n, sem="relaxed")
+            tl.atomic_add(dS_tab + row_y * H + h, ds_y, mask=mask_n, sem="relaxed")
+            tl.atomic_add(dS_tab + n * H + h, ds_op, sem="relaxed")
+            tl.atomic_add(dS_tab + (2 * n + 1) * H + h, ds_eq, sem="relaxed")
+            checksum += (tl.sum(tl.sum(dVx + dVy, axis=1), axis=0) + tl.sum(dV_op + dV_eq, axis=0)
+                         + tl.sum(ds_x + ds_y, axis=0) + ds_op + ds_eq)
+
+        tl.atomic_add(check_ptr + m, checksum, sem="relaxed")
+        # The next tile overwrites the scratch this one's threads may still read.
+        tl.debug_barrier()
+
+
+def scratch_floats(layout: Layout, block_n: int) -> int:
+    """Scratch per program of examples_kernel (see its Z .. DRM offsets)."""
+    L = layout
+    return block_n * (L.H * L.Dh + 4 * L.D + L.F + L.V)
+
+
+@dataclass
+class Tiles:
+    """The example tiles of a population, model-major (int32 device tensors).
+
+    model, start: (n_tiles,) the model and first example of each tile;
+    train_size: (M,) real examples per model.
+    """
+
+    model: Tensor
+    start: Tensor
+    train_size: Tensor
+
+    @classmethod
+    def build(cls, train_size: np.ndarray, block_n: int, device) -> "Tiles":
+        sizes = np.asarray(train_size, dtype=np.int64)
+        if sizes.ndim != 1 or (sizes < 1).any():
+            raise ValueError(f"training-set sizes must be a 1-D array of integers >= 1; got {sizes!r}")
+        tiles_of = -(-sizes // block_n)
+        model = np.repeat(np.arange(len(sizes)), tiles_of)
+        start = np.concatenate([np.arange(t) * block_n for t in tiles_of])
+
+        def dev(a):
+            return torch.as_tensor(a, dtype=torch.int32, device=device)
+
+        return cls(dev(model), dev(start), dev(sizes))
+
+    @property
+    def count(self) -> int:
+        return self.model.shape[0]
+
+
+def examples_args(layout: Layout, params: Tensor, grads: Tensor, ws: Workspace, scratch: Tensor, x: Tensor,
+                  y: Tensor, labels: Tensor, weight: Tensor, tiles: Tiles, precision: str, block_n: int = 64,
+                  block_c: int = 32, block_k: int = 32, arch: int = 90) -> tuple[tuple, dict]:
+    """Grid and keyword arguments of examples_kernel.
+
+    x, y, labels (M, N) int64, weight (M, N) float32; scratch (programs, scratch_floats)
+    float32, one row per program of the persistent grid; tiles built for block_n.
+    arch: compute capability x10 of the GPU, which picks the launch options.
+    """
+    for name, t in (("x", x), ("y", y), ("labels", labels), ("weight", weight)):
+        if not t.is_contiguous() or t.shape != x.shape:
+            raise ValueError(f"{name}: expected a contiguous tensor of shape {tuple(x.shape)}, "
+                             f"got shape {tuple(t.shape)} (contiguous={t.is_contiguous()})")
+    need = scratch_floats(layout, block_n)
+    if scratch.dim() != 2 or scratch.shape[1] != need or not scratch.is_contiguous():
+        raise ValueError(f"scratch: expected a contiguous (programs, {need}) tensor, got {tuple(scratch.shape)}")
+    return (min(scratch.shape[0], tiles.count),), dict(
+        params_ptr=params, grads_ptr=grads, V_ptr=ws.V, S_ptr=ws.S, dV_ptr=ws.dV, dS_ptr=ws.dS, dc_ptr=ws.dc,
+        loss_ptr=ws.loss, check_ptr=ws.check, scratch_ptr=scratch, x_ptr=x, y_ptr=y, label_ptr=labels,
+        weight_ptr=weight, stride_data=x.stride(0), tile_model_ptr=tiles.model, tile_start_ptr=tiles.start,
+        train_size_ptr=tiles.train_size, n_tiles=tiles.count,
+        **layout.dims, **layout.offset_args(*PARAM_NAMES),
+        BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_DH=layout.block_dh,
+        PRECISION=precision, **launch_options("examples", precision, arch),
+    )
+
+
+def examples_launch(layout: Layout, params: Tensor, grads: Tensor, ws: Workspace, scratch: Tensor, x: Tensor,
+                    y: Tensor, labels: Tensor, weight: Tensor, tiles: Tiles, precision: str, **tiling) -> None:
+    """Loss, checksum and every gradient of the population (see examples_args)."""
+    grid, kwargs = examples_args(layout, params, grads, ws, scratch, x, y, labels, weight, tiles, precision,
+                                 **tiling)
+    examples_kernel[grid](**kwargs)
