@@ -1,0 +1,95 @@
+"""Launches 1-3 in the interpreter: loss and every gradient against the float64 oracle.
+
+The oracle is fastgrok.model's Transformer in float64 with autograd, one model
+at a time on its own training set. Launch 3 runs with lr = 0 so that it only
+completes the gradients (the table backward) and leaves the parameters alone.
+"""
+import pytest
+import torch
+
+from fastgrok.config import ModelConfig, RunSpec, TaskConfig
+from fastgrok.engine import Population, examples_forward, tables_forward
+from fastgrok.model import PARAM_NAMES, Transformer
+from fastgrok.tasks import Task
+
+TASK = Task(TaskConfig(p=7))
+# Odd sizes: every dimension is padded and masked somewhere.
+CFG = ModelConfig(d_vocab=TASK.cfg.d_vocab, d_model=12, n_heads=2, d_head=5, d_mlp=24)
+TILING = dict(block_n=16, block_c=16, block_k=16)
+
+
+def oracle(pop: Population, m: int) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and gradients of model m of ``pop`` in float64."""
+    model = Transformer(CFG).double()
+    with torch.no_grad():
+        for k, v in pop.model_params(m).items():
+            getattr(model, k).copy_(v.double())
+    D = int(pop.train_size[m])
+    tokens = torch.as_tensor(TASK.tokens[pop.splits[m].train_idx])
+    loss = model.loss(tokens, torch.as_tensor(pop.splits[m].train_labels[:D]))
+    loss.backward()
+    return loss.item(), {k: getattr(model, k).grad for k in PARAM_NAMES}
+
+
+def kernel_loss_and_grads(interpreted, pop: Population, programs: int, precision: str = "ieee") -> torch.Tensor:
+    """Run the three launches with lr = 0; losses (M,), gradients land in pop.flat_grads."""
+    L = interpreted.layout.Layout.from_config(CFG)
+    ws = interpreted.layout.Workspace.allocate(L, pop.M, "cpu")
+    tiles = interpreted.examples.Tiles.build(pop.train_size, TILING["block_n"], "cpu")
+    scratch = torch.zeros(programs, interpreted.examples.scratch_floats(L, TILING["block_n"]))
+    interpreted.tables_forward.tables_forward_launch(L, pop.flat_params, pop.flat_grads, ws, precision,
+                                                     block_k=TILING["block_k"])
+    interpreted.examples.examples_launch(L, pop.flat_params, pop.flat_grads, ws, scratch, pop.train_x, pop.train_y,
+                                         pop.train_labels, pop.train_weight, tiles, precision, **TILING)
+    zeros = torch.zeros(pop.M, dtype=torch.float64)
+    hyper = torch.tensor(interpreted.adamw.step_scalars(1, 1.0, (0.9, 0.98)), dtype=torch.float64)
+    params_before = pop.flat_params.clone()
+    interpreted.adamw.adamw_launch(L, pop.flat_params, pop.flat_grads, pop.exp_avg, pop.exp_avg_sq, zeros, zeros,
+                                   torch.full((pop.M,), -1, dtype=torch.int32), hyper, ws, (0.9, 0.98), 1e-8,
+                                   precision)
+    assert torch.equal(pop.flat_params, params_before), "lr = 0 and wd = 0 leave the parameters alone"
+    return ws.loss
+
+
+def assert_matches_oracle(pop: Population, losses: torch.Tensor):
+    for m in range(pop.M):
+        loss, grads = oracle(pop, m)
+        assert losses[m].item() == pytest.approx(loss, rel=1e-5, abs=1e-7), f"model {m}: loss"
+        for k in PARAM_NAMES:
+            want = grads[k]
+            scale = want.abs().max().item() + 1e-12
+            torch.testing.assert_close(pop.grads[k][m].double(), want, rtol=1e-4, atol=1e-5 * scale,
+                                       msg=lambda msg: f"model {m}, gradient of {k}: {msg}")
+
+
+@pytest.mark.parametrize("sizes, programs", [((1,), 1), ((1, 20, 37), 2)], ids=["M=1,D=1", "M=3,D=1,20,37"])
+def test_loss_and_gradients_match_the_float64_oracle(interpreted, sizes, programs):
+    # Three tiles for D = 37 and two programs: tiles of different models share
+    # a program's scratch, and the last tile of each model is partial.
+    runs = [RunSpec(train_size=d, data_seed=m, init_seed=10 + m, random_labels=m == 2) for m, d in enumerate(sizes)]
+    pop = Population(TASK, CFG, runs)
+    with torch.no_grad():  # non-zero biases so that their gradients are exercised fully
+        pop.params["b_in"].normal_(0, 0.3)
+        pop.params["b_out"].normal_(0, 0.3)
+    assert_matches_oracle(pop, kernel_loss_and_grads(interpreted, pop, programs))
+
+
+def test_tiny_losses_keep_their_relative_precision(interpreted):
+    """A near-perfect fit, loss ~1e-10, where p_y - 1 would round the label's gradient to 0."""
+    D = 8  # fewer examples than d_model: W_U can set every logit exactly
+    pop = Population(TASK, CFG, [RunSpec(train_size=D, data_seed=3, init_seed=4)])
+    params64 = {k: v.double() for k, v in pop.params.items()}
+    _, cache = examples_forward(params64, pop.rows, tables_forward(params64, pop.rows), pop.train_x, pop.train_y)
+    target = torch.zeros(D, CFG.d_vocab, dtype=torch.float64)
+    target[torch.arange(D), torch.as_tensor(pop.splits[0].train_labels)] = 25.0
+    W_U = torch.linalg.lstsq(cache.resid_fin[0], target).solution                 # (D_model, V)
+    with torch.no_grad():
+        pop.params["W_U"][0] = W_U.float()
+    losses = kernel_loss_and_grads(interpreted, pop, programs=1)
+    loss, grads = oracle(pop, 0)
+    assert 1e-12 < loss < 1e-8, f"the fit should be near-perfect; loss {loss}"
+    assert losses[0].item() == pytest.approx(loss, rel=1e-3), "relative precision of a tiny loss"
+    for k in PARAM_NAMES:
+        scale = grads[k].abs().max().item() + 1e-30
+        torch.testing.assert_close(pop.grads[k][0].double(), grads[k], rtol=1e-3, atol=1e-3 * scale,
+                                   msg=lambda msg: f"gradient of {k}: {msg}")

@@ -1,0 +1,72 @@
+"""Launch 1 (kernels.tables_forward) in the interpreter against float64 tables."""
+import math
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastgrok.config import ModelConfig
+from fastgrok.model import PARAM_NAMES, init_params
+
+# (p, d_model, n_heads, d_head): odd sizes exercise every padded lane.
+SHAPES = [(7, 12, 2, 5), (11, 16, 1, 16), (5, 9, 3, 4)]
+
+
+def rows_of(n: int) -> list[tuple[int, int]]:
+    """(token, position) of each table row: x at 0, op at 1, y at 2, '=' at 3."""
+    return [(e, 0) for e in range(n)] + [(n, 1)] + [(e, 2) for e in range(n)] + [(n + 1, 3)]
+
+
+def flat(params: dict) -> torch.Tensor:
+    return torch.cat([params[k].reshape(-1) for k in PARAM_NAMES])
+
+
+# The interpreter fixture holds modules only: nothing to reset between examples.
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=st.sampled_from(SHAPES), M=st.integers(1, 3), seed=st.integers(0, 2**16),
+       block_r=st.sampled_from([16, 32]))
+def test_tables_and_clearing_match_float64(interpreted, shape, M, seed, block_r):
+    p, D, H, Dh = shape
+    cfg = ModelConfig(d_vocab=p + 2, d_model=D, n_heads=H, d_head=Dh, d_mlp=16)
+    layout = interpreted.layout.Layout.from_config(cfg)
+    models = [init_params(cfg, seed + m) for m in range(M)]
+    params = torch.stack([flat(P) for P in models])
+    grads = torch.full_like(params, 7.0)
+    ws = interpreted.layout.Workspace.allocate(layout, M, "cpu", block_r=block_r)
+    for buf in (ws.dV, ws.dS, ws.dc, ws.loss, ws.check):
+        buf.fill_(float("nan"))
+
+    interpreted.tables_forward.tables_forward_launch(layout, params, grads, ws, "ieee", block_r=block_r, block_k=16)
+
+    for m, P in enumerate(models):
+        P = {k: v.double() for k, v in P.items()}
+        resid = torch.stack([P["W_E"][t] + P["W_pos"][pos] for t, pos in rows_of(p)])     # (R, D)
+        K = torch.einsum("rd,hde->rhe", resid, P["W_K"])
+        V = torch.einsum("rd,hde->rhe", resid, P["W_V"])
+        q = torch.einsum("d,hde->he", resid[-1], P["W_Q"])
+        S = torch.einsum("rhe,he->rh", K, q) / math.sqrt(Dh)
+        for name, got, want in (("K", ws.K[m], K.reshape(len(resid), -1)), ("V", ws.V[m], V.reshape(len(resid), -1)),
+                                ("q", ws.q[m], q.reshape(-1)), ("S", ws.S[m], S)):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6,
+                                       msg=lambda msg: f"model {m}, table {name}: {msg}")
+        sums = (K.sum() + V.sum()).item() + q.sum().item() * ws.check_tab.shape[1]
+        assert math.isclose(ws.check_tab[m].sum().item(), sums, rel_tol=1e-4, abs_tol=1e-4), f"model {m} checksum"
+
+    start = layout.offsets["W_O"]
+    assert (grads[:, start:] == 0).all(), "the accumulated gradients W_O..W_U are cleared"
+    assert (grads[:, :start] == 7).all(), "the written gradients W_E..W_V are left alone"
+    for name in ("dV", "dS", "dc", "loss", "check"):
+        assert (getattr(ws, name) == 0).all(), f"ws.{name} is cleared"
+
+
+def test_a_non_finite_weight_of_an_unused_row_reaches_the_checksum(interpreted):
+    """W_K can be inf only in rows no example uses; the gradients would still be NaN (0 * inf)."""
+    cfg = ModelConfig(d_vocab=9, d_model=12, n_heads=2, d_head=5, d_mlp=16)
+    layout = interpreted.layout.Layout.from_config(cfg)
+    params = torch.stack([flat(init_params(cfg, m)) for m in range(2)])
+    params[1, layout.offsets["W_E"] + 3 * cfg.d_model] = float("inf")   # token 3's embedding
+    ws = interpreted.layout.Workspace.allocate(layout, 2, "cpu")
+    interpreted.tables_forward.tables_forward_launch(layout, params, torch.zeros_like(params), ws, "ieee",
+                                                     block_k=16)
+    assert ws.check_tab[0].isfinite().all()
+    assert not ws.check_tab[1].sum().isfinite()
