@@ -21,7 +21,7 @@ from pathlib import Path
 from fastgrok.config import PRESETS, OptimConfig, TaskConfig, get_preset
 from fastgrok.engine import BACKENDS
 from fastgrok.shard import Shard, local_device, partition, shard_from_env
-from fastgrok.experiments import (DEFAULTS, check_seeds, draw_figures, grid_runs, parse_floats, parse_sizes,
+from fastgrok.experiments import (DEFAULTS, SCHEDULES, check_seeds, draw_figures, grid_runs, parse_floats, parse_sizes,
                                   pretrain_path, summarize, ungrok_plan, write_toy)
 from fastgrok.tasks import OPS
 
@@ -229,7 +229,7 @@ def _train(args, experiment, out, preset, runs, steps, **kw):
     progress = Progress(steps, len(runs), f"{experiment} ({len(runs)} models)", args.quiet)
     try:
         pop = run_experiment(out, experiment, preset.task, preset.model, optim, runs, steps,
-                             backend=args.backend, device=local_device(args.device), resume=args.resume,
+                             schedule=SCHEDULES[preset.name], backend=args.backend, device=local_device(args.device), resume=args.resume,
                              progress=progress, **kw)
     finally:
         progress.close()

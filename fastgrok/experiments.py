@@ -22,8 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from fastgrok.config import RunSpec
+from fastgrok.schedule import EvalSchedule
 
 EXPERIMENTS = ("sweep", "grok", "ungrok", "efficiency", "toy")
+
+# Evaluation schedules per preset: the CPU runs last thousands of steps, not
+# millions, so their dense phase is coarser to keep evaluation a small
+# fraction of run time.
+SCHEDULES = {"paper": EvalSchedule(), "cpu": EvalSchedule(dense_every=25, dense_until=1000, per_decade=60)}
 
 # Per-preset defaults. "paper" follows the paper (Appendix A, Sections 5.1-5.3);
 # "cpu" scales every experiment to p = 43 so that it finishes in minutes on
@@ -40,8 +46,8 @@ DEFAULTS: dict[str, dict[str, dict]] = {
     "cpu": {
         "sweep": dict(sizes="600:1000:5", seeds=4, steps=6_000),
         "grok": dict(sizes="925", seeds=4, steps=5_000),
-        "ungrok": dict(pretrain_steps=1_500, sizes="geom:150:900:6", seeds=3,
-                       wd="0.5,1,2", steps=3_000),
+        "ungrok": dict(pretrain_steps=1_500, sizes="geom:100:900:6", seeds=2,
+                       wd="1,2,3", steps=4_000),
         "efficiency": dict(mem_sizes="geom:100:400:3", gen_sizes="1100:1700:3", seeds=2,
                            wd="0.5,1,2", steps=4_000),
     },
