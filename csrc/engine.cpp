@@ -149,7 +149,7 @@ template <typename Real>
 struct Padded {
     int Fp, Vp;
     explicit Padded(const ModelShape& s)
-        : Fp(int(round_up(s.F, Simd<Real>::NR))), Vp(int(round_up(s.V, Simd<Real>::NR))) {}
+        : Fp(int(round_up(s.F, Simd<Real>::L))), Vp(int(round_up(s.V, Simd<Real>::L))) {}
 };
 
 }  // namespace

@@ -9,7 +9,7 @@
 //
 // Dimensions: M models, N example slots, R = 2n + 2 token rows, D d_model,
 // H heads, Dh d_head, F d_mlp, V d_vocab, P parameters per model; Fp and Vp
-// are F and V rounded up to the GEMM strip width so that every row of the
+// are F and V rounded up to the vector width so that every row of the
 // internal F- and V-wide tables is a whole number of vector registers.
 #pragma once
 

@@ -22,48 +22,47 @@ namespace fastgrok {
 
 namespace detail {
 
-// An MR_ x NR tile of C from a k-long panel of A (strided) and B (rows at ldb).
-template <typename Real, int MR_>
+// An MR_ x (NV vectors) tile of C from a k-long panel of A (strided) and B
+// (rows at ldb). NV = 2 is the main kernel; NV = 1 serves a last strip of
+// exactly one vector, so operands padded to the vector width need no copy.
+template <typename Real, int MR_, int NV>
 void micro_kernel(int k, const Real* A, std::ptrdiff_t rsa, std::ptrdiff_t csa, const Real* B,
                   std::ptrdiff_t ldb, Real* C, std::ptrdiff_t ldc, bool accumulate) {
     using S = Simd<Real>;
-    typename S::reg c0[MR_], c1[MR_];
-    for (int i = 0; i < MR_; ++i) c0[i] = c1[i] = S::zero();
+    typename S::reg c[MR_][NV];
+    for (int i = 0; i < MR_; ++i)
+        for (int v = 0; v < NV; ++v) c[i][v] = S::zero();
     for (int p = 0; p < k; ++p) {
-        const auto b0 = S::load(B + p * ldb), b1 = S::load(B + p * ldb + S::L);
+        typename S::reg b[NV];
+        for (int v = 0; v < NV; ++v) b[v] = S::load(B + p * ldb + v * S::L);
         const Real* a = A + p * csa;
         for (int i = 0; i < MR_; ++i) {
             const Real ai = a[i * rsa];
-            c0[i] += ai * b0;
-            c1[i] += ai * b1;
+            for (int v = 0; v < NV; ++v) c[i][v] += ai * b[v];
         }
     }
-    for (int i = 0; i < MR_; ++i) {
-        Real* c = C + i * ldc;
-        if (accumulate) {
-            c0[i] += S::load(c);
-            c1[i] += S::load(c + S::L);
+    for (int i = 0; i < MR_; ++i)
+        for (int v = 0; v < NV; ++v) {
+            Real* out = C + i * ldc + v * S::L;
+            S::store(out, accumulate ? c[i][v] + S::load(out) : c[i][v]);
         }
-        S::store(c, c0[i]);
-        S::store(c + S::L, c1[i]);
-    }
 }
 
-template <typename Real, int... Rows>
+template <typename Real, int NV, int... Rows>
 struct KernelTable {
     using Fn = void (*)(int, const Real*, std::ptrdiff_t, std::ptrdiff_t, const Real*,
                         std::ptrdiff_t, Real*, std::ptrdiff_t, bool);
-    static constexpr Fn fns[sizeof...(Rows)] = {&micro_kernel<Real, Rows>...};
+    static constexpr Fn fns[sizeof...(Rows)] = {&micro_kernel<Real, Rows, NV>...};
 };
 
-template <typename Real>
+template <typename Real, int NV>
 void micro_kernel_rows(int rows, int k, const Real* A, std::ptrdiff_t rsa, std::ptrdiff_t csa,
                        const Real* B, std::ptrdiff_t ldb, Real* C, std::ptrdiff_t ldc,
                        bool accumulate) {
 #if defined(__AVX512F__)
-    using Table = KernelTable<Real, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12>;
+    using Table = KernelTable<Real, NV, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12>;
 #else
-    using Table = KernelTable<Real, 1, 2, 3, 4, 5, 6>;
+    using Table = KernelTable<Real, NV, 1, 2, 3, 4, 5, 6>;
 #endif
     static_assert(sizeof(Table::fns) / sizeof(Table::fns[0]) == MR, "one kernel per row count");
     Table::fns[rows - 1](k, A, rsa, csa, B, ldb, C, ldc, accumulate);
@@ -81,15 +80,17 @@ void gemm(int m, int n, int k, const Real* A, std::ptrdiff_t rsa, std::ptrdiff_t
             for (int i = 0; i < m; ++i) std::fill(C + i * ldc, C + i * ldc + n, Real(0));
         return;
     }
-    // The last, partial strip of B is copied zero-padded to NR columns, so the
-    // kernel never reads past B's rows; its C tile goes through a buffer.
+    // Strips of two vectors; a last strip of exactly one vector has its own
+    // kernel; any other partial strip is copied zero-padded to NR columns, so
+    // the kernel never reads past B's rows, and its C tile goes through a buffer.
+    constexpr int L = Simd<Real>::L;
     thread_local std::vector<Real> edge_b;
     Real edge_c[MR * NR];
     for (int j = 0; j < n; j += NR) {
         const int cols = std::min(NR, n - j);
         const Real* Bj = B + j;
         std::ptrdiff_t ldbj = ldb;
-        if (cols < NR) {
+        if (cols != NR && cols != L) {
             edge_b.assign(static_cast<std::size_t>(k) * NR, Real(0));
             for (int p = 0; p < k; ++p)
                 std::copy(B + p * ldb + j, B + p * ldb + j + cols, edge_b.data() + p * NR);
@@ -101,9 +102,11 @@ void gemm(int m, int n, int k, const Real* A, std::ptrdiff_t rsa, std::ptrdiff_t
             const Real* Ai = A + i * rsa;
             Real* Cij = C + i * ldc + j;
             if (cols == NR) {
-                detail::micro_kernel_rows(rows, k, Ai, rsa, csa, Bj, ldbj, Cij, ldc, accumulate);
+                detail::micro_kernel_rows<Real, 2>(rows, k, Ai, rsa, csa, Bj, ldbj, Cij, ldc, accumulate);
+            } else if (cols == L) {
+                detail::micro_kernel_rows<Real, 1>(rows, k, Ai, rsa, csa, Bj, ldbj, Cij, ldc, accumulate);
             } else {
-                detail::micro_kernel_rows(rows, k, Ai, rsa, csa, Bj, ldbj, edge_c, NR, false);
+                detail::micro_kernel_rows<Real, 2>(rows, k, Ai, rsa, csa, Bj, ldbj, edge_c, NR, false);
                 for (int r = 0; r < rows; ++r)
                     for (int c = 0; c < cols; ++c)
                         Cij[r * ldc + c] = (accumulate ? Cij[r * ldc + c] : Real(0)) + edge_c[r * NR + c];
