@@ -113,9 +113,11 @@ class _State:
         self.scratch = torch.empty(min(programs, self.tiles.count), scratch_floats(self.layout, options.block_n),
                                    device=dev)
         self.hyper = torch.zeros(4, dtype=torch.float64, device=dev)
-        self.lr = torch.as_tensor(pop.lr, dtype=torch.float64, device=dev)
-        self.wd = torch.as_tensor(pop.weight_decay, dtype=torch.float64, device=dev)
-        self.failed = torch.as_tensor(pop.failed_step, dtype=torch.int32, device=dev)
+        # Copies (torch.tensor), never views of the host arrays: on the CPU too,
+        # host changes must go through upload_host_changes as they do on a GPU.
+        self.lr = torch.tensor(pop.lr, dtype=torch.float64, device=dev)
+        self.wd = torch.tensor(pop.weight_decay, dtype=torch.float64, device=dev)
+        self.failed = torch.tensor(pop.failed_step, dtype=torch.int32, device=dev)
         self.synced = (pop.lr.copy(), pop.weight_decay.copy(), pop.failed_step.copy())
         self.graph = None
         self.eager_steps = 0
