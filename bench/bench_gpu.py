@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=int, default=200)
     parser.add_argument("--sizes", default="1500:2050", help="lo:hi training-set sizes, evenly spaced over models")
     parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
-    parser.add_argument("--block-n", type=int, default=32)
+    parser.add_argument("--block-n", type=int, default=64)
     parser.add_argument("--cuda-graph", action="store_true")
     parser.add_argument("--steps", type=int, default=20, help="steps per timed run")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs (p20/p50/p80 over them)")

@@ -18,8 +18,8 @@ The time of a model-step is at least the largest of the three; the sweep
 estimate multiplies it by the number of model-steps. Peaks are never reached
 in practice (expect 1.5-3x longer); bench/bench_gpu.py measures the real rate.
 
-    python bench/roofline.py                        # paper config, BLOCK_N = 32
-    python bench/roofline.py --block-n 64 --l2-tbs 5.5 7.0
+    python bench/roofline.py                        # paper config, BLOCK_N = 64 (the default)
+    python bench/roofline.py --block-n 32 --l2-tbs 5.5 7.0
 """
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def model_step(L: Layout, D: int, block_n: int) -> tuple[float, float, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="paper")
-    parser.add_argument("--block-n", type=int, default=32, help="examples per tile (kernels.examples BLOCK_N)")
+    parser.add_argument("--block-n", type=int, default=64, help="examples per tile (kernels.examples BLOCK_N)")
     parser.add_argument("--l2-tbs", type=float, nargs=2, metavar=("A100", "H100"),
                         help="assumed L2 bandwidths in TB/s (default: %s)" % " ".join(str(g.l2_tbs) for g in GPUS))
     parser.add_argument("--steps", type=float, default=1e7, help="steps per model of the sweep (default 1e7)")

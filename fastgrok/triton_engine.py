@@ -3,9 +3,11 @@
 ``available(device)`` and ``step(pop)`` are the contract of
 ``fastgrok.engine.resolve_backend``. A step of the population is
 
-1. ``kernels.tables_forward``  grid (M, row blocks)     key/value/score tables
-2. ``kernels.examples``        grid (example tiles,)    loss, every gradient
-3. ``kernels.adamw``           grid (M, param blocks)   AdamW of healthy models
+1. ``kernels.tables_forward``  grid (M, row blocks)       key/value/score tables
+2. ``kernels.examples``        grid (programs,)           loss, gradients of W_O..W_U
+                               persistent over tiles      and of the row tables
+3. ``kernels.adamw``           grid (M, 1 + param blocks) gradients of W_E..W_V,
+                                                          AdamW of healthy models
 
 and computes what ``Population.step`` computes: the same last-position,
 row-table algorithm, the same stable cross-entropy, torch.optim.AdamW with
@@ -16,8 +18,9 @@ and the same freezing of non-finite models.
 Options (``configure(pop, ...)`` or environment variables for the CLI):
 
 * precision (FASTGROK_TRITON_PRECISION): matmul inputs, one of
-  kernels.layout.PRECISIONS. The default "tf32x3" is fp32-accurate to
-  ~2^-21 per product on tensor cores; "ieee" is exact fp32 FMA (slower);
+  kernels.layout.PRECISIONS. The default "tf32x3" is fp32-class (~2^-21
+  relative error per product, against 2^-24) on tensor cores; "ieee" is fp32
+  FMA on the CUDA cores (3x slower on an H100);
   "tf32" and "bf16" trade input precision for speed (fp32 accumulation and
   master weights in every mode).
 * cuda_graph (FASTGROK_TRITON_CUDA_GRAPH=1): capture the three launches in a
@@ -47,16 +50,12 @@ from kernels.tables_forward import tables_forward_launch
 
 
 def available(device) -> tuple[bool, str]:
-    """(True, "") when ``device`` is a usable CUDA device and Triton imports."""
+    """(True, "") when ``device`` is a usable CUDA device (Triton imported with this module)."""
     device = torch.device(device)
     if device.type != "cuda":
         return False, f"device {str(device)!r} is not a CUDA device (the Triton kernels need a CUDA GPU)"
     if not torch.cuda.is_available():
         return False, "torch sees no CUDA GPU"
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        return False, f"triton cannot be imported ({exc}); install fastgrok[triton]"
     return True, ""
 
 
@@ -78,7 +77,7 @@ class Options:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r}; valid: {', '.join(PRECISIONS)}")
         if self.programs is not None and self.programs < 1:
-            raise ValueError(f"programs={self.programs}: must be >= 1 (or None for two per SM)")
+            raise ValueError(f"programs={self.programs}: must be >= 1 (or None for one per SM)")
         for name in ("block_n", "block_c", "block_k"):
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
@@ -120,7 +119,7 @@ class _State:
         self.failed = torch.tensor(pop.failed_step, dtype=torch.int32, device=dev)
         self.synced = (pop.lr.copy(), pop.weight_decay.copy(), pop.failed_step.copy())
         self.graph = None
-        self.eager_steps = 0
+        self.compiled = False
 
     @staticmethod
     def _key(pop) -> tuple:
@@ -158,9 +157,9 @@ class _State:
             return
         if pop.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device; the population is on {pop.device}")
-        if self.graph is None and self.eager_steps == 0:
+        if not self.compiled:
             self.launch(pop)  # compiles the kernels outside the capture
-            self.eager_steps += 1
+            self.compiled = True
             return
         if self.graph is None:
             self.graph = torch.cuda.CUDAGraph()
@@ -193,11 +192,12 @@ def step(pop) -> Tensor:
     """One full-batch AdamW step of every healthy model of ``pop``; the mean losses (M,)."""
     state = _state(pop)
     state.upload_host_changes(pop)
-    pop.step_count += 1
-    scalars = step_scalars(pop.step_count, pop.optim.lr_at(pop.step_count, 1.0), pop.optim.betas)
+    step_count = pop.step_count + 1
+    scalars = step_scalars(step_count, pop.optim.lr_at(step_count, 1.0), pop.optim.betas)
     state.hyper.copy_(torch.tensor(scalars, dtype=torch.float64))
     state.run(pop)
-    newly_failed = state.failed.cpu().numpy() == pop.step_count
+    pop.step_count = step_count
+    newly_failed = state.failed.cpu().numpy() == step_count
     pop.mark_failures(torch.from_numpy(~newly_failed))
     state.synced = (state.synced[0], state.synced[1], pop.failed_step.copy())
     return state.ws.loss.clone()

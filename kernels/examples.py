@@ -81,9 +81,17 @@ def examples_ref(params: dict[str, Tensor], n: int, x: Tensor, y: Tensor, labels
 
 @triton.jit
 def _log1p(x):
-    # Kahan's log1p: exact for x below float32's epsilon, where log(1 + x) is 0.
-    u = 1.0 + x
-    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+    """log(1 + x), x >= 0, to a few ulp relative to the result.
+
+    tl.log is the GPU's lg2.approx, whose absolute error (~2^-22) would swamp
+    log(1 + x) for small x, so below 0.4 the series 2 atanh(s) =
+    2 (s + s^3/3 + ... + s^11/11), s = x / (2 + x) <= 1/6, is used instead
+    (truncation below 1e-9 relative).
+    """
+    s = x / (2.0 + x)
+    s2 = s * s
+    series = 2.0 * s * (1.0 + s2 * (1.0 / 3 + s2 * (1.0 / 5 + s2 * (1.0 / 7 + s2 * (1.0 / 9 + s2 / 11)))))
+    return tl.where(x < 0.4, series, tl.log(1.0 + x))
 
 
 @triton.jit

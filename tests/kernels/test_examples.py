@@ -6,6 +6,10 @@ completes the gradients (the table backward) and leaves the parameters alone.
 """
 import pytest
 import torch
+import triton
+import triton.language as tl
+
+import kernels.examples as examples
 
 from fastgrok.config import ModelConfig, RunSpec, TaskConfig
 from fastgrok.engine import Population, examples_forward, tables_forward
@@ -93,3 +97,18 @@ def test_tiny_losses_keep_their_relative_precision(interpreted):
         scale = grads[k].abs().max().item() + 1e-30
         torch.testing.assert_close(pop.grads[k][0].double(), grads[k], rtol=1e-3, atol=1e-3 * scale,
                                    msg=lambda msg: f"gradient of {k}: {msg}")
+
+
+@triton.jit
+def _log1p_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, examples._log1p(tl.load(x_ptr + offs)))
+
+
+def test_log1p_is_accurate_relative_to_its_result(interpreted):
+    """The loss of a confident model is log1p(wrong-class mass): needs relative, not absolute, accuracy."""
+    x = torch.logspace(-30, 2, 1024, dtype=torch.float64).float()
+    out = torch.empty_like(x)
+    _log1p_kernel[(1,)](x, out, BLOCK=1024)
+    want = torch.log1p(x.double())
+    assert ((out.double() - want).abs() / want).max().item() < 4 * 2**-24

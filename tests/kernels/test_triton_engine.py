@@ -119,4 +119,4 @@ def test_options_are_checked_and_cuda_graphs_need_a_gpu(interpreted):
     interpreted.engine.configure(pop, cuda_graph=True, **TILING)
     with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
         interpreted.engine.step(pop)
-    assert np.array_equal(pop.failed_step, [-1])
+    assert pop.step_count == 0 and np.array_equal(pop.failed_step, [-1]), "a refused step changes nothing"
