@@ -14,6 +14,7 @@ would be valid, with exit status 2, before anything is written.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,10 @@ def _common(p: argparse.ArgumentParser, sizes_help: str):
     p.add_argument("--wd", default=None, help="weight decay, or a comma list crossed with the rest")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="training backend (default auto)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--precision", choices=("ieee", "tf32x3", "tf32", "bf16"),
+                   help="matmul inputs of the triton backend (default tf32x3, fp32-class accuracy); "
+                        "fp32 accumulation and master weights in every mode")
+    p.add_argument("--cuda-graph", action="store_true", help="triton backend: capture the step in a CUDA graph")
     p.add_argument("--out", type=Path, help="output HDF5 file (default runs/<experiment>-<preset>.h5)")
     p.add_argument("--resume", action="store_true", help="continue --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress display (batch jobs)")
@@ -226,6 +231,11 @@ def _train(args, experiment, out, preset, runs, steps, **kw):
     from fastgrok.runner import run_experiment
 
     optim = OptimConfig()
+    # The triton backend reads its options when it is first configured.
+    if args.precision:
+        os.environ["FASTGROK_TRITON_PRECISION"] = args.precision
+    if args.cuda_graph:
+        os.environ["FASTGROK_TRITON_CUDA_GRAPH"] = "1"
     progress = Progress(steps, len(runs), f"{experiment} ({len(runs)} models)", args.quiet)
     try:
         pop = run_experiment(out, experiment, preset.task, preset.model, optim, runs, steps,
