@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from fastgrok.config import PRESETS, OptimConfig, TaskConfig, get_preset
+from fastgrok.config import PRESETS, OptimConfig, get_preset
 from fastgrok.engine import BACKENDS
 from fastgrok.shard import Shard, local_device, partition, shard_from_env
 from fastgrok.experiments import (DEFAULTS, SCHEDULES, check_seeds, draw_figures, grid_runs, parse_floats, parse_sizes,

@@ -19,7 +19,7 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-from fastgrok.store import MetricHistory, RunHeader, RunWriter, TrainingState, read_resume_point
+from fastgrok.store import MetricHistory, RunWriter, TrainingState, read_resume_point
 
 
 def _snapshots(path: Path) -> dict[int, np.ndarray]:

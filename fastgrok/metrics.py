@@ -79,7 +79,7 @@ def trig_direction_norms(p: int) -> np.ndarray:
 
 def trig_components(table: Tensor) -> Tensor:
     """Projections <Z, Z_k / ||Z_k||> (M, K) of logit tables Z (M, p, p, p) indexed [a, b, c]."""
-    M, p = table.shape[0], table.shape[1]
+    p = table.shape[1]
     spectrum = torch.fft.rfftn(table, dim=(1, 2, 3))                        # (M, p, p, p//2 + 1)
     k = torch.arange(1, n_trig_frequencies(p) + 1, device=table.device)
     minus_k = (-k) % p

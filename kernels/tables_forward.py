@@ -25,7 +25,6 @@ matmul), padded lanes masked.
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor

@@ -24,6 +24,7 @@ from fastgrok.config import ModelConfig, OptimConfig, RunSpec, TaskConfig
 from fastgrok.engine import Population
 from fastgrok.model import PARAM_NAMES, Transformer
 from fastgrok.tasks import Task
+from population_checks import assert_params_close, flat, ragged_runs
 from fastgrok.train import train_reference
 
 TASK = Task(TaskConfig("x+y", 11))
@@ -45,11 +46,6 @@ def built_engine(request):
         pytest.skip(f"no C++ compiler on this machine: {reason}")
 
 
-def ragged_runs(M):
-    """M models that differ in everything a population lets them differ in."""
-    return [RunSpec(train_size=20 + 13 * m, data_seed=m, init_seed=100 + m,
-                    lr=[1e-3, 3e-3, 2e-3][m % 3], weight_decay=[1.0, 0.1, 0.0, 2.0][m % 4])
-            for m in range(M)]
 
 
 def cpu_population(runs, task=TASK, cfg=CFG, **kwargs):
@@ -58,17 +54,8 @@ def cpu_population(runs, task=TASK, cfg=CFG, **kwargs):
     return pop
 
 
-def assert_params_close(pop, m, model, rtol):
-    """Every tensor of model m within rtol of its scale; the message names it."""
-    for k in PARAM_NAMES:
-        ref = getattr(model, k).detach()
-        err = (pop.params[k][m] - ref).abs().max().item()
-        scale = ref.abs().max().item() + 1e-6
-        assert err <= rtol * scale, f"model {m}, {k}: max abs error {err:.3g} vs scale {scale:.3g}"
 
 
-def flat(tensors):
-    return torch.cat([t.reshape(-1).double() for t in tensors])
 
 
 @contextlib.contextmanager
