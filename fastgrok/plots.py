@@ -378,7 +378,11 @@ def plot_sweep(steps, test_acc, out_prefix, final_acc=None,
     ax.add_collection(collection)
     all_points = np.concatenate(lines)
     ax.set_xscale("log")
-    ax.set_xlim(all_points[:, 0].min(), all_points[:, 0].max())
+    low, high = all_points[:, 0].min(), all_points[:, 0].max()
+    # A run with one evaluation after step 0 has a single point on the log axis.
+    if high == low:
+        low, high = low / 2, high * 2
+    ax.set_xlim(low, high)
     ax.set_ylim(-0.02, 1.02)
     fig.colorbar(collection, ax=ax, label="Final test accuracy")
     ax.set_xlabel(STEPS_LABEL)
