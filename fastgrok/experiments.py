@@ -49,7 +49,7 @@ DEFAULTS: dict[str, dict[str, dict]] = {
         "ungrok": dict(pretrain_steps=1_500, sizes="geom:100:900:6", seeds=2,
                        wd="1,2,3", steps=4_000),
         "efficiency": dict(mem_sizes="geom:100:400:3", gen_sizes="1100:1700:3", seeds=2,
-                           wd="0.5,1,2", steps=4_000),
+                           wd="0.5,1,2", steps=3_000),
     },
 }
 
