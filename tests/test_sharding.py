@@ -17,7 +17,11 @@ ARGS = ["--preset", "cpu", "--p", "7", "--steps", "30", "--quiet", "--no-plot",
 def launch(command, out, env_extra, backend):
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")}
-    env.update(env_extra)
+    # Same thread count as this process (tests/conftest.py): torch's reductions
+    # and GEMMs may round differently with another count (or under MKL's
+    # dynamic threading on a loaded machine), and bit-identity is promised per
+    # backend and thread count.
+    env.update(env_extra, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MKL_DYNAMIC="FALSE")
     return subprocess.Popen([sys.executable, "-m", "fastgrok.cli", command, *ARGS, "--backend", backend,
                              "--out", str(out)], env=env, stderr=subprocess.PIPE, text=True)
 
