@@ -5,7 +5,6 @@ float64 runs check the algorithm itself against the float64 oracle to
 rounding level, the float32 runs check that its rounding is no worse than
 the float32 oracle's own.
 """
-import contextlib
 import functools
 import os
 import shutil
@@ -58,25 +57,12 @@ def cpu_population(runs, task=TASK, cfg=CFG, **kwargs):
 
 
 
-@contextlib.contextmanager
-def one_torch_thread():
-    """The oracle's tiny ops run ~10x faster on one thread than on two
-    (thread hand-offs dominate); the engine keeps its own thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @functools.lru_cache(maxsize=None)
 def reference_run(run, steps, dtype, optim=OptimConfig(warmup_steps=10)):
     """(final model, train loss after each of steps 0..steps): shared by the tests."""
     curve = []
-    with one_torch_thread():
-        model, _ = train_reference(TASK, CFG, run, steps, optim, eval_every=1, dtype=dtype,
-                                   log=lambda step, hist: curve.append(hist.train_loss[-1]))
+    model, _ = train_reference(TASK, CFG, run, steps, optim, eval_every=1, dtype=dtype,
+                               log=lambda step, hist: curve.append(hist.train_loss[-1]))
     return model, np.array(curve)
 
 

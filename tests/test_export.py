@@ -30,7 +30,6 @@ MODEL = ModelConfig.for_task(TASK, d_model=16, n_heads=2, d_head=8, d_mlp=32)
 
 @pytest.fixture(scope="module")
 def run_file(tmp_path_factory):
-    torch.set_num_threads(1)
     path = tmp_path_factory.mktemp("export") / "run.h5"
     runs = [RunSpec(train_size=60, data_seed=s, init_seed=s) for s in range(3)]
     pop = run_experiment(path, "export-test", TASK, MODEL, OptimConfig(lr=1e-2), runs, 30,

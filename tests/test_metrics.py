@@ -14,16 +14,6 @@ from fastgrok.model import PARAM_NAMES, Transformer
 from fastgrok.tasks import Task
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny shapes gain nothing from threads, and two spinning threads on a
-    # shared two-core machine make each op orders of magnitude slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def normalised_directions(p: int) -> np.ndarray:
     """(K, p, p, p) unit vectors cos(2 pi k (a + b - c) / p), k = 1..ceil((p-1)/2), built by hand."""
     a, b, c = np.meshgrid(np.arange(p), np.arange(p), np.arange(p), indexing="ij")

@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from fastgrok.config import ModelConfig, OptimConfig, RunSpec, TaskConfig
 from fastgrok.engine import Population
@@ -28,16 +27,6 @@ RUNS = [RunSpec(train_size=25, data_seed=1, init_seed=1),
         RunSpec(train_size=30, data_seed=2, init_seed=2, weight_decay=0.3),
         RunSpec(train_size=25, data_seed=3, init_seed=3, random_labels=True)]
 SCHEDULE = EvalSchedule(dense_every=5, dense_until=20, per_decade=10)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny shapes gain nothing from threads, and two spinning threads on a
-    # shared two-core machine make each op orders of magnitude slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run(path, steps=60, **kwargs):
