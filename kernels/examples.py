@@ -135,6 +135,25 @@ def _tile_examples(tile, m, x_ptr, y_ptr, label_ptr, weight_ptr, stride_data, ti
 
 
 @triton.jit
+def _weight_grad(checksum, g_ptr, a_ptr, b_ptr, I: tl.constexpr, J: tl.constexpr, chunk,
+                 BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """g[I, J] += A^T B over the tile's examples, A (BLOCK_N, I) and B (BLOCK_N, J)
+    row-major in scratch, in BLOCK_C x BLOCK_C chunks; returns the checksum plus their sum."""
+    for i0 in range(0, I, BLOCK_C):
+        offs_i = i0 + chunk
+        mask_i = offs_i < I
+        for j0 in range(0, J, BLOCK_C):
+            offs_j = j0 + chunk
+            mask_j = offs_j < J
+            acc = gemm(tl.zeros((BLOCK_C, BLOCK_C), tl.float32), a_ptr, 1, I, offs_i, mask_i,
+                       b_ptr, J, 1, offs_j, mask_j, BLOCK_N, BLOCK_K, PRECISION)
+            tl.atomic_add(g_ptr + offs_i[:, None] * J + offs_j[None, :], acc,
+                          mask=mask_i[:, None] & mask_j[None, :], sem="relaxed")
+            checksum += tl.sum(tl.sum(acc, axis=1), axis=0)
+    return checksum
+
+
+@triton.jit
 def examples_kernel(
     params_ptr, grads_ptr, V_ptr, S_ptr, dV_ptr, dS_ptr, dc_ptr, loss_ptr, check_ptr, scratch_ptr,
     x_ptr, y_ptr, label_ptr, weight_ptr, stride_data, tile_model_ptr, tile_start_ptr, train_size_ptr, n_tiles,
@@ -256,17 +275,8 @@ def examples_kernel(
         tl.debug_barrier()
 
         # dW_U = resid_fin^T dlogits, summed over the tile's examples.
-        for i0 in range(0, D, BLOCK_C):
-            offs_i = i0 + chunk
-            mask_i = offs_i < D
-            for j0 in range(0, V, BLOCK_C):
-                offs_j = j0 + chunk
-                mask_j = offs_j < V
-                acc = gemm(tl.zeros((BLOCK_C, BLOCK_C), tl.float32), scratch + RF, 1, D, offs_i, mask_i,
-                           scratch + DL, V, 1, offs_j, mask_j, BLOCK_N, BLOCK_K, PRECISION)
-                tl.atomic_add(g + OFF_W_U + offs_i[:, None] * V + offs_j[None, :], acc,
-                              mask=mask_i[:, None] & mask_j[None, :], sem="relaxed")
-                checksum += tl.sum(tl.sum(acc, axis=1), axis=0)
+        checksum = _weight_grad(checksum, g + OFF_W_U, scratch + RF, scratch + DL, D, V, chunk,
+                                BLOCK_C, BLOCK_N, BLOCK_K, PRECISION)
         tl.debug_barrier()
 
         # dresid = dlogits W_U^T, over resid_fin's scratch; its sum is db_out.
@@ -282,17 +292,8 @@ def examples_kernel(
         tl.debug_barrier()
 
         # dW_out = hidden^T dresid
-        for i0 in range(0, F, BLOCK_C):
-            offs_i = i0 + chunk
-            mask_i = offs_i < F
-            for j0 in range(0, D, BLOCK_C):
-                offs_j = j0 + chunk
-                mask_j = offs_j < D
-                acc = gemm(tl.zeros((BLOCK_C, BLOCK_C), tl.float32), scratch + HID, 1, F, offs_i, mask_i,
-                           scratch + RF, D, 1, offs_j, mask_j, BLOCK_N, BLOCK_K, PRECISION)
-                tl.atomic_add(g + OFF_W_out + offs_i[:, None] * D + offs_j[None, :], acc,
-                              mask=mask_i[:, None] & mask_j[None, :], sem="relaxed")
-                checksum += tl.sum(tl.sum(acc, axis=1), axis=0)
+        checksum = _weight_grad(checksum, g + OFF_W_out, scratch + HID, scratch + RF, F, D, chunk,
+                                BLOCK_C, BLOCK_N, BLOCK_K, PRECISION)
         tl.debug_barrier()
 
         # dpre = (dresid W_out^T) where hidden > 0, over hidden's scratch; db_in.
@@ -311,17 +312,8 @@ def examples_kernel(
         tl.debug_barrier()
 
         # dW_in = resid_mid^T dpre
-        for i0 in range(0, D, BLOCK_C):
-            offs_i = i0 + chunk
-            mask_i = offs_i < D
-            for j0 in range(0, F, BLOCK_C):
-                offs_j = j0 + chunk
-                mask_j = offs_j < F
-                acc = gemm(tl.zeros((BLOCK_C, BLOCK_C), tl.float32), scratch + RM, 1, D, offs_i, mask_i,
-                           scratch + HID, F, 1, offs_j, mask_j, BLOCK_N, BLOCK_K, PRECISION)
-                tl.atomic_add(g + OFF_W_in + offs_i[:, None] * F + offs_j[None, :], acc,
-                              mask=mask_i[:, None] & mask_j[None, :], sem="relaxed")
-                checksum += tl.sum(tl.sum(acc, axis=1), axis=0)
+        checksum = _weight_grad(checksum, g + OFF_W_in, scratch + RM, scratch + HID, D, F, chunk,
+                                BLOCK_C, BLOCK_N, BLOCK_K, PRECISION)
 
         # d resid_mid = dresid + dpre W_in^T; its sum is the last position's dc.
         for j0 in range(0, D, BLOCK_C):
@@ -337,17 +329,8 @@ def examples_kernel(
         tl.debug_barrier()
 
         # dW_O = z^T d resid_mid
-        for i0 in range(0, HD, BLOCK_C):
-            offs_i = i0 + chunk
-            mask_i = offs_i < HD
-            for j0 in range(0, D, BLOCK_C):
-                offs_j = j0 + chunk
-                mask_j = offs_j < D
-                acc = gemm(tl.zeros((BLOCK_C, BLOCK_C), tl.float32), scratch + Z, 1, HD, offs_i, mask_i,
-                           scratch + DRM, D, 1, offs_j, mask_j, BLOCK_N, BLOCK_K, PRECISION)
-                tl.atomic_add(g + OFF_W_O + offs_i[:, None] * D + offs_j[None, :], acc,
-                              mask=mask_i[:, None] & mask_j[None, :], sem="relaxed")
-                checksum += tl.sum(tl.sum(acc, axis=1), axis=0)
+        checksum = _weight_grad(checksum, g + OFF_W_O, scratch + Z, scratch + DRM, HD, D, chunk,
+                                BLOCK_C, BLOCK_N, BLOCK_K, PRECISION)
 
         # Per head: dz = d resid_mid W_O[h]^T, the softmax backward over the four
         # positions, and the gradients onto the rows: x and y rows per example,
