@@ -79,6 +79,13 @@ class PyEngine {
                           eps, n_threads);
     }
 
+    py::array logits(const py::array& params, const py::array& models, const py::array& x, const py::array& y,
+                     int n_threads) {
+        if (py::dtype::of<double>().is(params.dtype()))
+            return eval_logits<double>(f64_, params, models, x, y, n_threads);
+        return eval_logits<float>(f32_, params, models, x, y, n_threads);
+    }
+
     std::size_t scratch_bytes() const {
         return (f32_ ? f32_->scratch_bytes() : 0) + (f64_ ? f64_->scratch_bytes() : 0);
     }
@@ -98,6 +105,40 @@ class PyEngine {
         if (s.V != s.n + 2)
             throw py::value_error("d_vocab=" + std::to_string(s.V) + ": must be n + 2 = " + std::to_string(s.n + 2));
         return s;
+    }
+
+    template <typename Real>
+    py::array eval_logits(std::unique_ptr<Engine<Real>>& engine, const py::array& params, const py::array& models,
+                          const py::array& x, const py::array& y, int n_threads) {
+        const py::ssize_t M = data_->M, P = py::ssize_t(layout_.P);
+        const Real* p = checked<Real>(params, "params", {M, P}, false);
+        if (models.ndim() != 1) throw py::value_error("models: shape " + shape_str(models) + ", expected (K,)");
+        const py::ssize_t K = models.shape(0);
+        const auto* ms = checked<int64_t>(models, "models", {K}, false);
+        for (py::ssize_t k = 0; k < K; ++k)
+            if (ms[k] < 0 || ms[k] >= M)
+                throw py::value_error("models[" + std::to_string(k) + "]=" + std::to_string(ms[k]) +
+                                      ": valid models are 0.." + std::to_string(M - 1));
+        if (x.ndim() != 1) throw py::value_error("x: shape " + shape_str(x) + ", expected (N,)");
+        const py::ssize_t N = x.shape(0);
+        const auto* xs = checked<int64_t>(x, "x", {N}, false);
+        const auto* ys = checked<int64_t>(y, "y", {N}, false);
+        std::vector<int32_t> x32(N), y32(N);
+        for (py::ssize_t i = 0; i < N; ++i) {
+            if (xs[i] < 0 || xs[i] >= shape_.n || ys[i] < 0 || ys[i] >= shape_.n)
+                throw py::value_error("example " + std::to_string(i) + ": (x, y) = (" + std::to_string(xs[i]) + ", " +
+                                      std::to_string(ys[i]) + "); valid: 0.." + std::to_string(shape_.n - 1));
+            x32[i] = int32_t(xs[i]);
+            y32[i] = int32_t(ys[i]);
+        }
+        if (n_threads < 1) throw py::value_error("n_threads=" + std::to_string(n_threads) + ": must be >= 1");
+        if (!engine) engine = std::make_unique<Engine<Real>>(shape_, *data_);
+        py::array_t<Real> out({K, N, py::ssize_t(shape_.V)});
+        {
+            py::gil_scoped_release release;
+            engine->logits(p, ms, int(K), x32.data(), y32.data(), int(N), out.mutable_data(), n_threads);
+        }
+        return out;
     }
 
     template <typename Real>
@@ -153,6 +194,10 @@ PYBIND11_MODULE(_cpu_engine, mod) {
              "Loss and gradients of every model (float32 or float64 state, as given); with lr given (not "
              "None), AdamW on each model that is neither frozen nor non-finite. Returns (loss float64 (M,), "
              "finite bool (M,)).")
+        .def("logits", &PyEngine::logits, py::arg("params"), py::arg("models"), py::arg("x"), py::arg("y"),
+             py::arg("n_threads"),
+             "Last-position logits (K, N, V) of models (K,) on the examples x, y (N,), in the dtype of params; "
+             "a model's logits do not depend on n_threads or on the other models listed.")
         .def_property_readonly("scratch_bytes", &PyEngine::scratch_bytes)
         .def_property_readonly("n_params", &PyEngine::n_params);
     mod.def("build_info", []() {

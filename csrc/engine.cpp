@@ -46,13 +46,15 @@
 // scratch adds ~1.2 MB per model to the 3.6 MB of parameters, gradients and
 // moments.
 //
-// Threads: with M >= threads every thread steps whole models, one at a time,
-// with its own workspace, so a model's tables stay in that core's caches from
-// the forward to AdamW, and its result does not depend on the thread count.
-// With fewer models than threads each model's x blocks are split into shards
-// with their own gradient accumulators, summed in shard order afterwards; the
-// result then depends on the number of shards, max(1, ceil(threads / M)), but
-// not on scheduling.
+// Threads and reproducibility: a model's x blocks are cut into MODEL_SHARDS
+// shards at fixed boundaries; each shard's example sums start from zero and
+// the shards are added in order. With M >= threads every thread steps whole
+// models, one at a time, with its own workspace, so a model's tables stay in
+// that core's caches from the forward to AdamW; with fewer models than threads
+// the shards of all models are shared out. Either way the same sums are formed
+// in the same order, so a model's result depends neither on the thread count
+// nor on its batch-mates (the cost: one extra accumulator pass per shard,
+// ~2% of a paper-config step).
 #include "engine.hpp"
 
 #include <algorithm>
@@ -347,6 +349,17 @@ struct TileScratch {
     }
 };
 
+// U and UU of every x row of one model, for evaluation (training keeps one
+// x block at a time in TileScratch).
+template <typename Real>
+struct XRowTables {
+    Buffer<Real> U;   // (n, H, Fp)
+    Buffer<Real> UU;  // (n, H, Vp)
+    explicit XRowTables(const ModelShape& s)
+        : U(std::size_t(s.n) * s.H * Padded<Real>(s).Fp), UU(std::size_t(s.n) * s.H * Padded<Real>(s).Vp) {}
+    std::size_t bytes() const { return (U.size() + UU.size()) * sizeof(Real); }
+};
+
 namespace {
 
 template <typename Real>
@@ -504,6 +517,90 @@ Real loss_and_dlogits(Real* z, int V, int Vp, int label, Real weight) {
     return loss;
 }
 
+// Where the rows of U and UU for position 0 (the x rows) live: row x of the
+// table is U_x + (x - x0) * H * Fp. Training keeps only the current x block
+// there, evaluation the whole table (x0 = 0).
+template <typename Real>
+struct XRows {
+    const Real* U_x;
+    const Real* UU_x;
+    int x0;
+};
+
+// The forward pass of `count` examples (xs, ys): their token rows (4 per
+// example) into rows, attention weights a (count, 4H), hidden = relu(pre)
+// (count, Fp) and logits (count, Vp). Each example's values depend only on
+// the example and the tables, never on its place in the tile.
+template <typename Real>
+void tile_forward(const ModelShape& s, const Workspace<Real>& ws, const XRows<Real>& x_rows,
+                  const int32_t* xs, const int32_t* ys, int count, int* rows, Real* a_tile, Real* hidden,
+                  Real* logits) {
+    const int n = s.n, H = s.H, J = s.J();
+    const Padded<Real> pd(s);
+    const int Fp = pd.Fp, Vp = pd.Vp;
+    const std::size_t row_F = std::size_t(H) * Fp, row_V = std::size_t(H) * Vp;
+    const Real* Sc = ws.S.data();
+    for (int i = 0; i < count; ++i) {
+        int* r = rows + 4 * i;
+        r[0] = xs[i];
+        r[1] = n;
+        r[2] = n + 1 + ys[i];
+        r[3] = 2 * n + 1;
+        Real* a = a_tile + std::size_t(i) * J;
+        for (int t = 0; t < 4; ++t)
+            for (int h = 0; h < H; ++h) a[t * H + h] = Sc[r[t] * H + h];
+        for (int h = 0; h < H; ++h) {
+            Real smax = a[h];
+            for (int t = 1; t < 4; ++t) smax = std::max(smax, a[t * H + h]);
+            for (int t = 0; t < 4; ++t) a[t * H + h] -= smax;
+        }
+        exp_inplace(a, J);
+        for (int h = 0; h < H; ++h) {
+            const Real sum = a[h] + a[H + h] + a[2 * H + h] + a[3 * H + h];
+            for (int t = 0; t < 4; ++t) a[t * H + h] /= sum;
+        }
+        std::copy(ws.base_pre, ws.base_pre + Fp, hidden + std::size_t(i) * Fp);
+        std::copy(ws.base_logit, ws.base_logit + Vp, logits + std::size_t(i) * Vp);
+    }
+    // Positions 1 and 3 read the same rows in every example: one GEMM per
+    // tile instead of 2H gathered rows per example.
+    const Real* const_U[4] = {nullptr, ws.U_rest, nullptr, ws.U_rest + (n + 1) * row_F};
+    const Real* const_UU[4] = {nullptr, ws.UU_rest, nullptr, ws.UU_rest + (n + 1) * row_V};
+    for (int t : {1, 3}) {
+        gemm(count, Fp, H, a_tile + t * H, J, 1, const_U[t], Fp, hidden, Fp, true);
+        gemm(count, Vp, H, a_tile + t * H, J, 1, const_UU[t], Vp, logits, Vp, true);
+    }
+    std::vector<const Real*> u_rows(2 * H), uu_rows(2 * H);
+    for (int i = 0; i < count; ++i) {
+        const int* r = rows + 4 * i;
+        const std::size_t ix = std::size_t(r[0] - x_rows.x0), iy = std::size_t(r[2] - n);
+        for (int h = 0; h < H; ++h) {
+            u_rows[h] = x_rows.U_x + ix * row_F + h * Fp;
+            uu_rows[h] = x_rows.UU_x + ix * row_V + h * Vp;
+            u_rows[H + h] = ws.U_rest + iy * row_F + h * Fp;
+            uu_rows[H + h] = ws.UU_rest + iy * row_V + h * Vp;
+        }
+        const Real* a = a_tile + std::size_t(i) * J;
+        combine_rows<true>(a, a + 2 * H, H, u_rows.data(), hidden + std::size_t(i) * Fp, Fp);
+        combine_rows<false>(a, a + 2 * H, H, uu_rows.data(), logits + std::size_t(i) * Vp, Vp);
+    }
+    gemm(count, Vp, Fp, hidden, Fp, 1, ws.W_OU, Vp, logits, Vp, true);
+}
+
+// U and UU of every x row (position 0) of one model: (n, H, Fp) and (n, H, Vp).
+template <typename Real>
+void x_row_tables(const ModelShape& s, const Workspace<Real>& ws, Real* U_x, Real* UU_x) {
+    const int H = s.H, Dh = s.Dh, HDh = s.HDh();
+    const Padded<Real> pd(s);
+    const int Fp = pd.Fp, Vp = pd.Vp;
+    for (int h = 0; h < H; ++h) {
+        gemm(s.n, Fp, Dh, ws.Vt.data() + h * Dh, HDh, 1, ws.W_OI.data() + std::size_t(h) * Dh * Fp, Fp,
+             U_x + std::size_t(h) * Fp, std::ptrdiff_t(H) * Fp, false);
+        gemm(s.n, Vp, Dh, ws.Vt.data() + h * Dh, HDh, 1, ws.W_OUh.data() + std::size_t(h) * Dh * Vp, Vp,
+             UU_x + std::size_t(h) * Vp, std::ptrdiff_t(H) * Vp, false);
+    }
+}
+
 }  // namespace
 
 template <typename Real>
@@ -519,6 +616,7 @@ std::size_t Engine<Real>::scratch_bytes() const {
     for (auto& w : workspaces_) bytes += w->bytes();
     for (auto& g : accumulators_) bytes += g->bytes();
     for (auto& t : tiles_) bytes += t->bytes();
+    for (auto& e : eval_x_rows_) bytes += e->bytes();
     return bytes;
 }
 
@@ -534,7 +632,6 @@ void Engine<Real>::examples(int m, int block_begin, int block_end, const Workspa
     const int32_t* xs = data_.x[m].data();
     const int32_t* ys = data_.y[m].data();
     const int32_t* labels = data_.labels[m].data();
-    const Real* Sc = ws.S.data();
     Real* dS = acc.dS.data();
     std::vector<const Real*> u_rows(2 * H), uu_rows(2 * H);
     std::vector<Real*> du_rows(2 * H), duu_rows(2 * H);
@@ -578,43 +675,8 @@ void Engine<Real>::examples(int m, int block_begin, int block_end, const Workspa
             const int count = std::min(TILE, end - i0);
             Real* hidden = tile.hidden.data();
             Real* logits = tile.logits.data();
-            for (int i = 0; i < count; ++i) {
-                int* r = rows.data() + 4 * i;
-                r[0] = xs[i0 + i];
-                r[1] = n;
-                r[2] = n + 1 + ys[i0 + i];
-                r[3] = 2 * n + 1;
-                Real* a = tile.a.data() + std::size_t(i) * J;
-                for (int t = 0; t < 4; ++t)
-                    for (int h = 0; h < H; ++h) a[t * H + h] = Sc[r[t] * H + h];
-                for (int h = 0; h < H; ++h) {
-                    Real smax = a[h];
-                    for (int t = 1; t < 4; ++t) smax = std::max(smax, a[t * H + h]);
-                    for (int t = 0; t < 4; ++t) a[t * H + h] -= smax;
-                }
-                exp_inplace(a, J);
-                for (int h = 0; h < H; ++h) {
-                    const Real sum = a[h] + a[H + h] + a[2 * H + h] + a[3 * H + h];
-                    for (int t = 0; t < 4; ++t) a[t * H + h] /= sum;
-                }
-                std::copy(ws.base_pre, ws.base_pre + Fp, hidden + std::size_t(i) * Fp);
-                std::copy(ws.base_logit, ws.base_logit + Vp, logits + std::size_t(i) * Vp);
-            }
-            // Positions 1 and 3 read the same rows in every example: one GEMM
-            // per tile instead of 2H gathered rows per example.
-            for (int t : {1, 3}) {
-                gemm(count, Fp, H, tile.a.data() + t * H, J, 1, const_U[t], Fp, hidden, Fp, true);
-                gemm(count, Vp, H, tile.a.data() + t * H, J, 1, const_UU[t], Vp, logits, Vp, true);
-            }
-            for (int i = 0; i < count; ++i) {
-                const Real* a = tile.a.data() + std::size_t(i) * J;
-                point_rows(rows.data() + 4 * i);
-                Real* pre = hidden + std::size_t(i) * Fp;
-                Real* lg = logits + std::size_t(i) * Vp;
-                combine_rows<true>(a, a + 2 * H, H, u_rows.data(), pre, Fp);
-                combine_rows<false>(a, a + 2 * H, H, uu_rows.data(), lg, Vp);
-            }
-            gemm(count, Vp, Fp, hidden, Fp, 1, ws.W_OU, Vp, logits, Vp, true);
+            tile_forward(s, ws, XRows<Real>{tile.U_x.data(), tile.UU_x.data(), x0}, xs + i0, ys + i0, count,
+                         rows.data(), tile.a.data(), hidden, logits);
 
             double tile_loss = 0.0;
             for (int i = 0; i < count; ++i)
@@ -843,27 +905,39 @@ void Engine<Real>::step(Real* params, Real* grads, Real* exp_avg, Real* exp_avg_
 #endif
     const std::size_t P = layout_.P;
     const int blocks = data_.blocks();
+    // A model's x blocks are always cut into the same shards, each summed from
+    // zero and added in shard order, whether one thread walks them all or
+    // several share them: the sums, and so the result, are the same for any
+    // thread count.
+    const int shards = std::min(MODEL_SHARDS, blocks);
+    auto shard_begin = [&](int s) { return blocks * s / shards; };
 
     if (M >= threads) {
-        // Whole models per thread.
+        // Whole models per thread: shard 0 into one accumulator, each later
+        // shard into a second one, added after it.
         while (int(workspaces_.size()) < threads) workspaces_.push_back(std::make_unique<Workspace<Real>>(shape_));
-        while (int(accumulators_.size()) < threads) accumulators_.push_back(std::make_unique<ExampleGrads<Real>>(shape_));
+        while (int(accumulators_.size()) < 2 * threads) accumulators_.push_back(std::make_unique<ExampleGrads<Real>>(shape_));
         while (int(tiles_.size()) < threads) tiles_.push_back(std::make_unique<TileScratch<Real>>(shape_));
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
         for (int m = 0; m < M; ++m) {
             const int tid = thread_id();
             Workspace<Real>& ws = *workspaces_[tid];
-            ExampleGrads<Real>& acc = *accumulators_[tid];
+            ExampleGrads<Real>& acc = *accumulators_[2 * tid];
+            ExampleGrads<Real>& part = *accumulators_[2 * tid + 1];
             tables_forward(shape_, ParamPtrs<Real>(params + std::size_t(m) * P, layout_), ws);
             acc.zero();
-            examples(m, 0, blocks, ws, acc, *tiles_[tid]);
+            examples(m, shard_begin(0), shard_begin(1), ws, acc, *tiles_[tid]);
+            for (int s = 1; s < shards; ++s) {
+                part.zero();
+                examples(m, shard_begin(s), shard_begin(s + 1), ws, part, *tiles_[tid]);
+                acc.add(part);
+            }
             finish_model(m, params, grads, exp_avg, exp_avg_sq, adamw_args, acc, ws, out);
         }
         return;
     }
 
-    // Fewer models than threads: shards of x blocks per model.
-    const int shards = std::min((threads + M - 1) / M, blocks);
+    // Fewer models than threads: the shards of all models are shared out.
     while (int(workspaces_.size()) < M) workspaces_.push_back(std::make_unique<Workspace<Real>>(shape_));
     while (int(accumulators_.size()) < M * shards) accumulators_.push_back(std::make_unique<ExampleGrads<Real>>(shape_));
     while (int(tiles_.size()) < threads) tiles_.push_back(std::make_unique<TileScratch<Real>>(shape_));
@@ -877,13 +951,61 @@ void Engine<Real>::step(Real* params, Real* grads, Real* exp_avg, Real* exp_avg_
             const int m = item / shards, s = item % shards;
             ExampleGrads<Real>& acc = *accumulators_[item];
             acc.zero();
-            examples(m, blocks * s / shards, blocks * (s + 1) / shards, *workspaces_[m], acc, *tiles_[thread_id()]);
+            examples(m, shard_begin(s), shard_begin(s + 1), *workspaces_[m], acc, *tiles_[thread_id()]);
         }
 #pragma omp for schedule(dynamic, 1)
         for (int m = 0; m < M; ++m) {
             ExampleGrads<Real>& acc = *accumulators_[std::size_t(m) * shards];
             for (int s = 1; s < shards; ++s) acc.add(*accumulators_[std::size_t(m) * shards + s]);
             finish_model(m, params, grads, exp_avg, exp_avg_sq, adamw_args, acc, *workspaces_[m], out);
+        }
+    }
+}
+
+template <typename Real>
+void Engine<Real>::logits(const Real* params, const int64_t* models, int n_models, const int32_t* x,
+                          const int32_t* y, int N, Real* out, int n_threads) {
+#ifdef _OPENMP
+    const int threads = std::max(1, n_threads);
+#else
+    const int threads = 1;
+    (void)n_threads;
+#endif
+    const ModelShape& s = shape_;
+    const Padded<Real> pd(s);
+    const int V = s.V, Vp = pd.Vp;
+    const std::size_t P = layout_.P;
+    const int tiles = (N + TILE - 1) / TILE;
+    // Models `threads` at a time: their tables in parallel, then all their
+    // tiles of examples. Tiles start at fixed multiples of TILE, and an
+    // example's logits do not depend on its tile, so neither the thread count
+    // nor the other models change them.
+    const int chunk = std::min(threads, n_models);
+    while (int(workspaces_.size()) < chunk) workspaces_.push_back(std::make_unique<Workspace<Real>>(shape_));
+    while (int(tiles_.size()) < threads) tiles_.push_back(std::make_unique<TileScratch<Real>>(shape_));
+    while (int(eval_x_rows_.size()) < chunk) eval_x_rows_.push_back(std::make_unique<XRowTables<Real>>(s));
+    for (int c0 = 0; c0 < n_models; c0 += chunk) {
+        const int count = std::min(chunk, n_models - c0);
+#pragma omp parallel num_threads(threads)
+        {
+#pragma omp for schedule(dynamic, 1)
+            for (int k = 0; k < count; ++k) {
+                tables_forward(shape_, ParamPtrs<Real>(const_cast<Real*>(params) + std::size_t(models[c0 + k]) * P, layout_),
+                               *workspaces_[k]);
+                x_row_tables(s, *workspaces_[k], eval_x_rows_[k]->U.data(), eval_x_rows_[k]->UU.data());
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (int item = 0; item < count * tiles; ++item) {
+                const int k = item / tiles, i0 = (item % tiles) * TILE, n_ex = std::min(TILE, N - i0);
+                TileScratch<Real>& tile = *tiles_[thread_id()];
+                std::vector<int> rows(4 * TILE);
+                tile_forward(s, *workspaces_[k], XRows<Real>{eval_x_rows_[k]->U.data(), eval_x_rows_[k]->UU.data(), 0}, x + i0, y + i0, n_ex, rows.data(),
+                             tile.a.data(), tile.hidden.data(), tile.logits.data());
+                Real* dst = out + (std::size_t(c0 + k) * N + i0) * V;
+                for (int i = 0; i < n_ex; ++i)
+                    std::copy(tile.logits.data() + std::size_t(i) * Vp, tile.logits.data() + std::size_t(i) * Vp + V,
+                              dst + std::size_t(i) * V);
+            }
         }
     }
 }

@@ -50,6 +50,11 @@ struct TrainingSet {
     int blocks() const { return static_cast<int>(block_start[0].size()) - 1; }
 };
 
+// Each model's examples are summed in this many shards, whatever the thread
+// count (engine.cpp, "Threads and reproducibility"): a single model still
+// uses two cores, and the result is the same on one.
+constexpr int MODEL_SHARDS = 2;
+
 struct AdamWArgs {
     const double* lr;            // (M,) learning rate of this step (warm-up applied)
     const double* weight_decay;  // (M,)
@@ -66,6 +71,7 @@ struct StepOutput {
 template <typename Real> struct Workspace;
 template <typename Real> struct ExampleGrads;
 template <typename Real> struct TileScratch;
+template <typename Real> struct XRowTables;
 
 template <typename Real>
 class Engine {
@@ -79,6 +85,12 @@ class Engine {
     void step(Real* params, Real* grads, Real* exp_avg, Real* exp_avg_sq, const AdamWArgs* adamw,
               int n_threads, StepOutput out);
 
+    // Last-position logits of the given models on N examples (x, y): out is
+    // (n_models, N, V) row-major. No training state changes; a model's logits
+    // do not depend on the thread count or on the other models listed.
+    void logits(const Real* params, const int64_t* models, int n_models, const int32_t* x, const int32_t* y,
+                int N, Real* out, int n_threads);
+
     std::size_t scratch_bytes() const;  // workspace currently allocated
 
   private:
@@ -86,9 +98,10 @@ class Engine {
     ParamLayout layout_;
     const TrainingSet& data_;
     std::vector<std::unique_ptr<Workspace<Real>>> workspaces_;
-    // Example-gradient sums: one per thread, or one per (model, shard) when sharded.
+    // Example-gradient sums: two per thread, or one per (model, shard) when models < threads.
     std::vector<std::unique_ptr<ExampleGrads<Real>>> accumulators_;
     std::vector<std::unique_ptr<TileScratch<Real>>> tiles_;
+    std::vector<std::unique_ptr<XRowTables<Real>>> eval_x_rows_;  // every x row of U and UU, for logits()
 
     void examples(int m, int block_begin, int block_end, const Workspace<Real>& ws,
                   ExampleGrads<Real>& acc, TileScratch<Real>& tile) const;

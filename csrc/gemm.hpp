@@ -37,8 +37,8 @@ void micro_kernel(int k, const Real* A, std::ptrdiff_t rsa, std::ptrdiff_t csa, 
         for (int v = 0; v < NV; ++v) b[v] = S::load(B + p * ldb + v * S::L);
         const Real* a = A + p * csa;
         for (int i = 0; i < MR_; ++i) {
-            const Real ai = a[i * rsa];
-            for (int v = 0; v < NV; ++v) c[i][v] += ai * b[v];
+            const typename S::reg ai = S::broadcast(a[i * rsa]);
+            for (int v = 0; v < NV; ++v) c[i][v] = S::fma(ai, b[v], c[i][v]);
         }
     }
     for (int i = 0; i < MR_; ++i)
@@ -132,7 +132,7 @@ void nt_block(int k, const Real* A, std::ptrdiff_t lda, const Real* B, std::ptrd
         for (int i = 0; i < RA; ++i) a[i] = S::load(A + i * lda + p);
         for (int j = 0; j < RB; ++j) {
             const auto b = S::load(B + j * ldb + p);
-            for (int i = 0; i < RA; ++i) acc[i][j] += a[i] * b;
+            for (int i = 0; i < RA; ++i) acc[i][j] = S::fma(a[i], b, acc[i][j]);
         }
     }
     for (int i = 0; i < RA; ++i)

@@ -14,6 +14,10 @@
 #include <cstring>
 #include <type_traits>
 
+#if defined(__FMA__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace fastgrok {
 
 #if defined(__AVX512F__)
@@ -54,6 +58,9 @@ struct Simd {
     static reg load(const Real* p) { reg r; std::memcpy(&r, p, sizeof r); return r; }
     static void store(Real* p, reg v) { std::memcpy(p, &v, sizeof v); }
     static reg zero() { return reg{}; }
+    // One vbroadcast: x - 0 is x for every x, so the subtraction folds away
+    // (x + 0 is not: -0 + 0 = +0, and a lane loop compiles to inserts).
+    static reg broadcast(Real x) { return x - reg{}; }
     // Pairwise: halves are added until one lane is left (log2(L) dependent
     // adds instead of L); memcpy of a half compiles to a register extract.
     static Real hsum(reg v) { return hsum_bytes<VECTOR_BYTES>(v); }
@@ -61,6 +68,29 @@ struct Simd {
     template <int Bytes>
     static Real hsum_bytes(const reg& v) { return HalfSum<Real, Bytes>::sum(v); }
     static reg relu(reg x) { return x < Real(0) ? reg{} : x; }
+    // a * b + c. The compiler contracts `c += a * b` into an FMA in some
+    // instantiations of a template and not in others (seen: the 1-row GEMM
+    // kernel on AVX2), which would make a GEMM row's bits depend on how many
+    // rows share its tile; the kernels say which one they mean.
+    static reg fma(reg a, reg b, reg c) {
+#if defined(__AVX512F__)
+        if constexpr (VECTOR_BYTES == 64 && std::is_same_v<Real, float>) return reg(_mm512_fmadd_ps(a, b, c));
+        if constexpr (VECTOR_BYTES == 64 && std::is_same_v<Real, double>) return reg(_mm512_fmadd_pd(a, b, c));
+#endif
+#if defined(__FMA__)
+        if constexpr (VECTOR_BYTES == 32 && std::is_same_v<Real, float>) return reg(_mm256_fmadd_ps(a, b, c));
+        if constexpr (VECTOR_BYTES == 32 && std::is_same_v<Real, double>) return reg(_mm256_fmadd_pd(a, b, c));
+        if constexpr (VECTOR_BYTES == 16 && std::is_same_v<Real, float>) return reg(_mm_fmadd_ps(a, b, c));
+        if constexpr (VECTOR_BYTES == 16 && std::is_same_v<Real, double>) return reg(_mm_fmadd_pd(a, b, c));
+#endif
+#if defined(__aarch64__)
+        reg r;
+        for (int i = 0; i < L; ++i) r[i] = std::fma(a[i], b[i], c[i]);  // one fmla per vector
+        return r;
+#else
+        return a * b + c;  // no FMA instruction: nothing to contract either
+#endif
+    }
 };
 
 inline std::size_t round_up(std::size_t x, std::size_t multiple) {

@@ -149,6 +149,20 @@ def step(pop, n_threads: int | None = None) -> Tensor:
     return torch.from_numpy(loss).to(pop.flat_params.dtype)
 
 
+def logits(pop, models: np.ndarray, x: Tensor, y: Tensor, n_threads: int | None = None) -> Tensor:
+    """Last-position logits (K, N, V) of ``pop``'s models ``models`` on the examples (x, y) (N,).
+
+    The engine's own forward pass; a model's logits are the same bits
+    whatever the thread count and whichever other models are listed.
+    """
+    dtype = pop.flat_params.dtype
+    params = _state(pop)[0]
+    out = engine_for(pop).logits(params, np.ascontiguousarray(models, dtype=np.int64),
+                                 _array(x.contiguous(), torch.int64, "x"), _array(y.contiguous(), torch.int64, "y"),
+                                 n_threads=n_threads or torch.get_num_threads())
+    return torch.from_numpy(out).to(dtype)
+
+
 def loss_and_grad(pop, n_threads: int | None = None) -> Tensor:
     """Mean training loss per model (M,); gradients land in ``pop.grads``. No update."""
     loss, _ = engine_for(pop).step(

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -332,6 +333,14 @@ class Population:
         self._build_data()
         self.backend, self._backend_impl = resolve_backend(backend, self.device)
 
+    def param_slices(self) -> dict[str, tuple[int, int]]:
+        """(start, stop) of each parameter in a model's flat row, in PARAM_NAMES order."""
+        out, start = {}, 0
+        for k in PARAM_NAMES:
+            out[k] = (start, start + self.sizes[k])
+            start += self.sizes[k]
+        return out
+
     def _views(self, flat: Tensor) -> dict[str, Tensor]:
         out, start = {}, 0
         for k in PARAM_NAMES:
@@ -421,16 +430,30 @@ class Population:
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def all_logits(self, models: slice | None = None) -> Tensor:
-        """Last-position logits (M', n_pairs, V) on the task's full dataset."""
-        params = self.params if models is None else {k: v[models] for k, v in self.params.items()}
-        M = params["W_E"].shape[0]
-        x = torch.as_tensor(self.task.x, device=self.device).expand(M, -1)
-        y = torch.as_tensor(self.task.y, device=self.device).expand(M, -1)
-        tab = tables_forward(params, self.rows)
-        return torch.cat([examples_forward(params, self.rows, tab, x[:, s:s + self.chunk],
-                                           y[:, s:s + self.chunk], keep_cache=False)[0]
-                          for s in range(0, x.shape[1], self.chunk)], dim=1)
+    def all_logits(self, models: slice | Sequence[int] | None = None, pairs: slice = slice(None)) -> Tensor:
+        """Last-position logits (K, n, V) of the given models on the task's pairs ``pairs``.
+
+        Each model is computed on its own, with shapes that do not depend on
+        which or how many models are asked for (BLAS blocks batched products
+        by shape), and on the C++ engine by its own forward pass: so on the
+        ``cpu`` backend a model's logits are the same bits alone or among
+        others, with any thread count.
+        """
+        if models is None:
+            models = slice(None)
+        index = np.arange(self.M)[models] if isinstance(models, slice) else np.asarray(models, dtype=np.int64)
+        x = torch.as_tensor(self.task.x[pairs], device=self.device)
+        y = torch.as_tensor(self.task.y[pairs], device=self.device)
+        if self.backend == "cpu":
+            return self._backend_impl.logits(self, index, x, y)
+        out = []
+        for m in index:
+            params = {k: v[m:m + 1] for k, v in self.params.items()}
+            tab = tables_forward(params, self.rows)
+            out.append(torch.cat([examples_forward(params, self.rows, tab, x[None, s:s + self.chunk],
+                                                   y[None, s:s + self.chunk], keep_cache=False)[0]
+                                  for s in range(0, len(x), self.chunk)], dim=1))
+        return torch.cat(out) if out else self.flat_params.new_empty(0, len(x), self.cfg.d_vocab)
 
     def model_params(self, m: int) -> dict[str, Tensor]:
         """Model m's parameters as a reference-model state dict (copies)."""

@@ -213,25 +213,17 @@ def test_diverged_model_is_frozen_and_others_are_bit_identical(poison):
     torch.testing.assert_close(poisoned.exp_avg_sq[2], frozen_moments[1], **bitwise)
 
 
-def test_results_do_not_depend_on_threads_for_whole_models():
-    """With M >= threads each model is stepped by one thread: bitwise the same for any
-    thread count. With M < threads the examples are sharded: same up to summation order."""
-    runs = ragged_runs(3)
-    states = []
-    for threads in (1, 2, 3):
-        pop = cpu_population(runs)
-        for _ in range(5):
-            cpu_engine.step(pop, n_threads=threads)
-        states.append(pop.flat_params.clone())
-    assert torch.equal(states[0], states[1]) and torch.equal(states[0], states[2])
-
-    grads = []
-    for threads in (1, 2, 3):
-        pop = cpu_population([RunSpec(train_size=121, init_seed=5)])
-        cpu_engine.loss_and_grad(pop, n_threads=threads)
-        grads.append(pop.flat_grads[0].clone())
-    for sharded in grads[1:]:
-        torch.testing.assert_close(sharded, grads[0], rtol=1e-5, atol=1e-7)
+def test_results_do_not_depend_on_the_thread_count():
+    """M >= threads (whole models per thread) and M < threads (shared shards) alike:
+    bitwise the same for 1, 2 and 3 threads."""
+    for runs in (ragged_runs(3), [RunSpec(train_size=121, init_seed=5)]):
+        states = []
+        for threads in (1, 2, 3):
+            pop = cpu_population(runs)
+            for _ in range(5):
+                cpu_engine.step(pop, n_threads=threads)
+            states.append(torch.cat([pop.flat_params, pop.exp_avg, pop.exp_avg_sq, pop.flat_grads], 1))
+        assert torch.equal(states[0], states[1]) and torch.equal(states[0], states[2]), f"M={len(runs)}"
 
 
 def test_training_data_change_rebuilds_the_engine():
@@ -358,22 +350,44 @@ def test_flop_count_matches_hand_count_at_the_paper_config():
     assert cpu_engine.flops_per_model_step(cfg, 0) > 2 * 3 * 2 * 228 * 128 * 128
 
 
+def torch_vector_lanes(dtype) -> int:
+    """Elements per vector of torch's CPU kernels on this machine (ATen's Vectorized<T>)."""
+    width = 64 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 32
+    return width // torch.empty(0, dtype=dtype).element_size()
+
+
+@pytest.mark.parametrize("d_mlp", [24, 23])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_adamw_is_bit_identical_to_the_batched_engines(dtype):
+def test_adamw_is_bit_identical_to_the_batched_engines(dtype, d_mlp):
     """Given the same gradients, the engine's update equals torch._fused_adamw_
     (the batched engine's optimiser) bit for bit: per-model lr and weight
-    decay (0 included), warm-up, P = 2312 not a multiple of the vector width.
-    Pins the operation order of torch's CPU kernel; a torch release that
-    changes it shows up here, not as an unexplained drift between backends."""
+    decay (0 included), warm-up. Pins the operation order of torch's CPU
+    kernel; a torch release that changes it shows up here, not as an
+    unexplained drift between backends.
+
+    torch's kernel runs its vector body and then a scalar loop over the last
+    P mod lanes elements of each model's row. On AVX-512 builds that loop
+    rounds like the body; on AVX2 (seen on an AMD EPYC) it does not, so there
+    the last elements are held to 4 ulp, not bit identity. d_mlp = 23 gives
+    an odd P, so every machine has such a tail."""
+    task = TASK
+    cfg = ModelConfig.for_task(task.cfg, d_model=16, n_heads=2, d_head=8, d_mlp=d_mlp)
     runs = ragged_runs(4)
-    assert CFG.n_params % 16 != 0
-    engine_pop, torch_pop = (cpu_population(runs, optim_cfg=OptimConfig(warmup_steps=5), dtype=dtype) for _ in range(2))
+    engine_pop, torch_pop = (Population(task, cfg, runs, backend="cpu", optim_cfg=OptimConfig(warmup_steps=5),
+                                        dtype=dtype) for _ in range(2))
+    P = cfg.n_params
+    body = P - P % torch_vector_lanes(dtype)
+    ulp = torch.finfo(dtype).eps
     for step in range(1, 11):
+        for name in ("flat_params", "exp_avg", "exp_avg_sq"):  # same start, so the same gradients
+            getattr(torch_pop, name).copy_(getattr(engine_pop, name))
         cpu_engine.step(engine_pop)
         cpu_engine.loss_and_grad(torch_pop)
         torch_pop.step_count += 1
         torch_pop._adamw(torch_pop.healthy_models())
         for name in ("flat_params", "exp_avg", "exp_avg_sq"):
             mine, theirs = getattr(engine_pop, name), getattr(torch_pop, name)
-            diff = (mine != theirs).nonzero()
+            diff = (mine[:, :body] != theirs[:, :body]).nonzero()
             assert len(diff) == 0, f"step {step}, {name}: {len(diff)} values differ, first (model, index) {diff[0].tolist()}"
+            tail_err = (mine[:, body:] - theirs[:, body:]).abs()
+            assert (tail_err <= 4 * ulp * theirs[:, body:].abs()).all(), f"step {step}, {name}: tail {tail_err.max()}"

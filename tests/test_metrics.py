@@ -8,7 +8,7 @@ import torch
 
 from fastgrok.config import ModelConfig, RunSpec, TaskConfig
 from fastgrok.engine import Population
-from fastgrok.metrics import (CIRCUIT_METRICS, Evaluator, metric_names,
+from fastgrok.metrics import (CIRCUIT_METRICS, Evaluator, cross_entropy_float64, metric_names,
                               trig_components, trig_part_by_offset)
 from fastgrok.model import PARAM_NAMES, Transformer
 from fastgrok.tasks import Task
@@ -31,7 +31,7 @@ def brute_force_projection(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def trig_part_table(components: torch.Tensor, p: int) -> np.ndarray:
     a, b, c = np.meshgrid(np.arange(p), np.arange(p), np.arange(p), indexing="ij")
-    return trig_part_by_offset(components, p).numpy()[:, (a + b - c) % p]
+    return trig_part_by_offset(components, p)[:, (a + b - c) % p]
 
 
 @pytest.mark.parametrize("p", [7, 8, 11, 13])
@@ -39,8 +39,8 @@ def test_fft_projection_equals_brute_force(p):
     # p = 8 has the Nyquist direction cos(pi (a+b-c)), whose norm is twice the others'.
     table = np.random.default_rng(p).normal(size=(3, p, p, p))
     want_components, want_part = brute_force_projection(table)
-    got = trig_components(torch.as_tensor(table))
-    np.testing.assert_allclose(got.numpy(), want_components, rtol=0, atol=1e-12)
+    got = trig_components(table)
+    np.testing.assert_allclose(got, want_components, rtol=0, atol=1e-12)
     np.testing.assert_allclose(trig_part_table(got, p), want_part, rtol=0, atol=1e-12)
 
 
@@ -49,23 +49,24 @@ def test_pure_trig_table_is_all_gen_and_random_table_almost_all_mem(p):
     rng = np.random.default_rng(100 + p)
     dirs = normalised_directions(p)
     weights = rng.normal(size=(2, len(dirs)))
-    pure = torch.as_tensor(np.einsum("mk,kabc->mabc", weights, dirs))
+    pure = np.einsum("mk,kabc->mabc", weights, dirs)
     components = trig_components(pure)
-    np.testing.assert_allclose(components.numpy(), weights, atol=1e-12)
-    residual = pure.numpy() - trig_part_table(components, p)
+    np.testing.assert_allclose(components, weights, atol=1e-12)
+    residual = pure - trig_part_table(components, p)
     assert np.abs(residual).max() < 1e-12, "a table made of trig directions has a C_mem part"
 
-    noise = torch.as_tensor(rng.normal(size=(2, p, p, p)))
+    noise = rng.normal(size=(2, p, p, p))
     trig = trig_part_table(trig_components(noise), p)
-    share = (trig ** 2).sum((1, 2, 3)) / (noise.numpy() ** 2).sum((1, 2, 3))
+    share = (trig ** 2).sum((1, 2, 3)) / (noise ** 2).sum((1, 2, 3))
     # K of p^3 orthogonal directions: a random table puts ~K/p^3 of its energy there.
     assert (share < 10 * len(dirs) / p ** 3).all(), f"trig share of random tables {share}"
 
 
-def tiny_population(task_cfg, runs, steps=0):
+def tiny_population(task_cfg, runs, steps=0, backend="torch"):
     task = Task(task_cfg)
     cfg = ModelConfig.for_task(task_cfg, d_model=12, n_heads=2, d_head=6, d_mlp=24)
-    pop = Population(task, cfg, runs)
+    pop = Population(task, cfg, runs, backend=backend)
+    assert pop.backend == backend
     for _ in range(steps):
         pop.step()
     return task, cfg, pop
@@ -123,12 +124,13 @@ def assert_matches_oracle(task, cfg, pop, evaluation):
                 assert got == pytest.approx(value, rel=2e-4, abs=2e-5), f"model {m} {name}"
 
 
-def test_evaluator_matches_oracle_on_addition_with_random_labels_and_full_training_set():
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_evaluator_matches_oracle_on_addition_with_random_labels_and_full_training_set(backend):
     task_cfg = TaskConfig("x+y", 11)
     runs = [RunSpec(train_size=40, data_seed=1, init_seed=2),
             RunSpec(train_size=90, data_seed=3, init_seed=4, random_labels=True),
             RunSpec(train_size=121, data_seed=5, init_seed=6)]                  # no test pairs
-    task, cfg, pop = tiny_population(task_cfg, runs, steps=30)
+    task, cfg, pop = tiny_population(task_cfg, runs, steps=30, backend=backend)
     evaluation = Evaluator(pop)(pop)
     assert evaluation.step == 30
     assert_matches_oracle(task, cfg, pop, evaluation)
@@ -143,12 +145,28 @@ def test_evaluator_without_circuits_on_other_tasks():
     assert_matches_oracle(task, cfg, pop, evaluation)
 
 
-def test_chunks_of_models_give_the_same_measurements():
-    runs = [RunSpec(train_size=20 + 10 * m, data_seed=m, init_seed=m) for m in range(3)]
-    _, _, pop = tiny_population(TaskConfig("x+y", 7), runs, steps=3)
-    whole = Evaluator(pop)(pop)
-    one_by_one = Evaluator(pop, memory_budget=1)
-    assert one_by_one.models_per_chunk == 1
-    chunked = one_by_one(pop)
-    for name in whole.values:
-        np.testing.assert_allclose(chunked.values[name], whole.values[name], rtol=1e-12, err_msg=name)
+@pytest.mark.parametrize("margin", [20.0, 60.0])
+def test_float64_cross_entropy_keeps_tiny_losses(margin):
+    """The evaluator's loss against a hand formula: correct logit ahead by margin of V - 1
+    equal others gives log1p((V - 1) e^-margin), down to 1e-24 relative."""
+    V = 9
+    logits = np.zeros((2, V), dtype=np.float32)
+    logits[0, 3] = margin                               # label 3 is the argmax
+    logits[1, 3] = -margin                              # label 3 is far behind
+    got = cross_entropy_float64(logits, np.array([3, 3]))
+    want_small = math.log1p((V - 1) * math.exp(-margin))
+    want_large = math.log((V - 1) + math.exp(-margin)) + margin
+    assert got[0] == pytest.approx(want_small, rel=1e-12)
+    assert got[1] == pytest.approx(want_large, rel=1e-12)
+
+
+def test_circuits_beyond_the_memory_budget_are_skipped_with_a_warning():
+    # The C++ engine's logits of a pair do not depend on the block it comes in.
+    _, _, pop = tiny_population(TaskConfig("x+y", 7), [RunSpec(train_size=20)], steps=1, backend="cpu")
+    with pytest.warns(UserWarning, match="circuit analysis needs"):
+        evaluator = Evaluator(pop, memory_budget=3 * 7 ** 3 * 8)
+    values = evaluator(pop).values
+    assert all(np.isnan(values[name]).all() for name in CIRCUIT_METRICS)
+    whole = Evaluator(pop)(pop).values
+    for name in set(whole) - set(CIRCUIT_METRICS):   # pairs now come in many small blocks
+        np.testing.assert_array_equal(values[name], whole[name], err_msg=name)

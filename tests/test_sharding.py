@@ -14,43 +14,59 @@ ARGS = ["--preset", "cpu", "--p", "7", "--steps", "30", "--quiet", "--no-plot",
         "--sizes", "6:40:3", "--seeds", "2", "--wd", "0.5,1"]
 
 
-def launch(command, out, env_extra, backend):
+# The torch backend's bound across populations (README, "Reproducibility"):
+# float32 rounding of batched products, grown over the 30 steps of ARGS.
+TORCH_RTOL = 1e-5
+
+
+def launch(command, out, env_extra, backend, threads):
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")}
-    # Same thread count as this process (tests/conftest.py): torch's reductions
-    # and GEMMs may round differently with another count (or under MKL's
-    # dynamic threading on a loaded machine), and bit-identity is promised per
-    # backend and thread count.
-    env.update(env_extra, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MKL_DYNAMIC="FALSE")
+    env.update(env_extra, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     return subprocess.Popen([sys.executable, "-m", "fastgrok.cli", command, *ARGS, "--backend", backend,
                              "--out", str(out)], env=env, stderr=subprocess.PIPE, text=True)
 
 
+def assert_same_run(whole, merged, bitwise):
+    """Every metric, the final parameters and the failed steps: equal, or within TORCH_RTOL."""
+    def check(got, want, what):
+        if bitwise:
+            np.testing.assert_array_equal(got, want, err_msg=what)
+        else:
+            scale = np.abs(want[np.isfinite(want)]).max(initial=0.0)
+            np.testing.assert_allclose(got, want, rtol=TORCH_RTOL, atol=TORCH_RTOL * scale,
+                                       err_msg=what)
+
+    a, b = read_run(whole), read_run(merged)
+    assert a.header.runs == b.header.runs and a.header.task == b.header.task
+    assert np.array_equal(a.steps, b.steps)
+    for name in a.metrics:
+        check(b.metrics[name], a.metrics[name], f"{merged.name} {name}")
+    check(read_params(merged)[1], read_params(whole)[1], f"{merged.name} parameters")
+    np.testing.assert_array_equal(a.failed_step, b.failed_step)
+
+
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_three_shards_merged_equal_the_whole_sweep(tmp_path, backend, capsys):
+    """On the C++ engine (auto, here) bit for bit, with shards on 1 and 2 threads
+    beside a whole run on this process's one; on torch within its stated bound."""
     whole = tmp_path / "whole.h5"
     assert main(["sweep", *ARGS, "--backend", backend, "--out", str(whole)]) == 0
     out = tmp_path / "sharded.h5"
     # Shard 0 as torchrun rank 0, shards 1 and 2 as a Slurm array with ids 1..3.
-    procs = [launch("sweep", out, {"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0"}, backend),
+    procs = [launch("sweep", out, {"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0"}, backend, threads=2),
              launch("sweep", out, {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "3",
-                                   "SLURM_ARRAY_TASK_MIN": "1"}, backend),
+                                   "SLURM_ARRAY_TASK_MIN": "1"}, backend, threads=1),
              launch("sweep", out, {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "3",
-                                   "SLURM_ARRAY_TASK_MIN": "1"}, backend)]
+                                   "SLURM_ARRAY_TASK_MIN": "1"}, backend, threads=2)]
     for p in procs:
         assert p.wait() == 0, p.stderr.read()
     shards = sorted(tmp_path.glob("sharded.shard*-of-3.h5"))
     assert len(shards) == 3
     merged = tmp_path / "merged.h5"
     assert main(["merge", str(merged), *map(str, shards)]) == 0
-
-    a, b = read_run(whole), read_run(merged)
-    assert a.header.runs == b.header.runs and a.header.task == b.header.task
-    assert np.array_equal(a.steps, b.steps)
-    for name in a.metrics:
-        np.testing.assert_array_equal(a.metrics[name], b.metrics[name], err_msg=name)
-    np.testing.assert_array_equal(read_params(whole)[1], read_params(merged)[1])
-    np.testing.assert_array_equal(a.failed_step, b.failed_step)
+    assert_same_run(whole, merged, bitwise=backend != "torch")
+    b = read_run(merged)
     assert b.header.shard is None and b.complete
 
 
@@ -107,19 +123,18 @@ def test_too_many_shards_is_an_error(tmp_path, capsys):
     assert "gets no models" in capsys.readouterr().err
 
 
-def test_sharded_ungrokking_merges_to_the_whole_run(tmp_path, capsys):
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_sharded_ungrokking_merges_to_the_whole_run(tmp_path, capsys, backend):
     args = ["ungrok", "--preset", "cpu", "--p", "7", "--pretrain-steps", "15", "--steps", "10", "--quiet",
-            "--no-plot", "--sizes", "10,20", "--seeds", "3", "--wd", "0.5,1", "--backend", "torch"]
+            "--no-plot", "--sizes", "10,20", "--seeds", "3", "--wd", "0.5,1", "--backend", backend]
     assert main([*args, "--out", str(tmp_path / "whole.h5")]) == 0
     for k in range(2):
         assert main([*args, "--shard", f"{k}/2", "--out", str(tmp_path / "u.h5")]) == 0
     shards = sorted(tmp_path.glob("u.shard*-of-2.h5"))
     assert main(["merge", str(tmp_path / "merged.h5"), *map(str, shards)]) == 0
     for whole, merged in (("whole.h5", "merged.h5"), ("whole.pretrain.h5", "merged.pretrain.h5")):
-        a, b = read_run(tmp_path / whole), read_run(tmp_path / merged)
-        assert a.header.runs == b.header.runs
-        for name in a.metrics:
-            np.testing.assert_array_equal(a.metrics[name], b.metrics[name], err_msg=f"{merged} {name}")
-        np.testing.assert_array_equal(read_params(tmp_path / whole)[1], read_params(tmp_path / merged)[1])
+        assert_same_run(tmp_path / whole, tmp_path / merged, bitwise=backend == "cpu")
     a, b = read_run(tmp_path / "whole.h5").header.init_from, read_run(tmp_path / "merged.h5").header.init_from
-    assert (a["models"], a["sha256"]) == (b["models"], b["sha256"])
+    assert a["models"] == b["models"]
+    if backend == "cpu":  # the continuations start from the pre-trained parameters, bit for bit
+        assert a["sha256"] == b["sha256"]
