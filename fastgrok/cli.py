@@ -14,6 +14,7 @@ would be valid, with exit status 2, before anything is written.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -55,7 +56,10 @@ def _common(p: argparse.ArgumentParser, sizes_help: str):
     p.add_argument("--cuda-graph", action="store_true", help="triton backend: capture the step in a CUDA graph")
     p.add_argument("--out", type=Path, help="output HDF5 file (default runs/<experiment>-<preset>.h5)")
     p.add_argument("--resume", action="store_true", help="continue --out if it exists")
-    p.add_argument("--quiet", action="store_true", help="no progress display (batch jobs)")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--progress-every", type=float, default=60.0, metavar="SECONDS",
+                   help="where stdout is not a terminal (batch jobs, > log): seconds between plain progress "
+                        "lines (default 60; 0: every step)")
     p.add_argument("--no-plot", action="store_true", help="do not draw the figure at the end")
     p.add_argument("--shard", help="train only shard K/N (0 <= K < N) of the models into OUT.shardK-of-N.h5; "
                                    "default: from torchrun (RANK/WORLD_SIZE) or a Slurm array, else all")
@@ -114,6 +118,53 @@ def _positive(value, flag):
     if value is not None and value < 1:
         raise UsageError(f"{flag} {value}: must be >= 1")
     return value
+
+
+def _valid_devices() -> list[str]:
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = getattr(torch.backends, "mps", None)
+    return (["cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(n)] if n else [])
+            + (["mps"] if mps is not None and mps.is_available() else []))
+
+
+def _device(text: str) -> str:
+    """The torch device the run trains on, checked before anything is written;
+    under torchrun a bare ``cuda`` is the rank's GPU (``local_device``)."""
+    import torch
+
+    valid = _valid_devices()
+    named = f"valid devices on this machine: {', '.join(valid)}"
+    device = local_device(text)
+    via = f" (LOCAL_RANK={os.environ.get('LOCAL_RANK')} selects {device})" if device != text else ""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"--device {text!r}: not a device; {named}") from None
+    if parsed.type == "cuda":
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            raise UsageError(f"--device {text}: this torch {torch.__version__} is built without CUDA; {named}")
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {text}: no CUDA device is visible (torch.cuda.is_available() is False); "
+                             f"{named}")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise UsageError(f"--device {text}{via}: this machine has {count} CUDA device{'s' * (count != 1)}; "
+                             f"{named}")
+    elif parsed.type == "mps":
+        if "mps" not in valid:
+            raise UsageError(f"--device {text}: MPS is not available; {named}")
+    elif parsed.type != "cpu" or parsed.index not in (None, 0):
+        raise UsageError(f"--device {text}: fastgrok trains on cpu, cuda[:N] or mps; {named}")
+    return device
+
+
+def _check_run_options(args):
+    """Options every training command shares, checked before anything is written."""
+    args.device = _device(args.device)
+    if math.isnan(args.progress_every) or args.progress_every < 0:
+        raise UsageError(f"--progress-every {args.progress_every:g}: must be a number of seconds >= 0")
 
 
 def _sizes(args, text, n_pairs, flag="--sizes"):
@@ -178,52 +229,119 @@ def _check_resumable(out: Path, experiment: str):
 
 
 # --------------------------------------------------------------------- progress
-class Progress:
-    """A rich progress bar with steps/s, model-steps/s, ETA and population counts."""
+def population_counts(pop, evaluation) -> dict[str, int]:
+    """How many models are memorised (train >= 99 %, test < 50 %), partial
+    (train >= 99 %, test in [50, 99) %), grokked (test >= 99 %) and failed
+    (non-finite, frozen) at ``evaluation``: the numbers both displays show."""
+    train, test = evaluation.values["train_acc"], evaluation.values["test_acc"]
+    grokked = test >= 0.99
+    return dict(memorised=int(((train >= 0.99) & (test < 0.5)).sum()),
+                partial=int(((train >= 0.99) & (test >= 0.5) & ~grokked).sum()),
+                grokked=int(grokked.sum()), failed=int((pop.failed_step >= 0).sum()))
 
-    def __init__(self, total_steps: int, n_models: int, label: str, quiet: bool):
-        self.quiet, self.total, self.n_models = quiet, total_steps, n_models
-        self.counts, self._last = "", 0.0
-        if quiet:
+
+def format_counts(counts: dict[str, int], sep: str = " · ") -> str:
+    return sep.join(f"{name} {n}" for name, n in counts.items())
+
+
+def _rate(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}" if x < 1000 else f"{x:.0f}"
+
+
+def _duration(seconds: float | None) -> str:
+    """1m56s, 3h07m, 2d05h: two units, enough to plan by."""
+    if seconds is None:
+        return "-"
+    s = int(round(seconds))
+    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if s >= size:
+            return f"{s // size}{unit}{(s % size) // sub_size:02d}{sub}"
+    return f"{s}s"
+
+
+class Progress:
+    """A run's progress with steps/s, model-steps/s, ETA and population counts.
+
+    Where stdout is a terminal: a rich bar. Elsewhere (Slurm, nohup, ``> log``)
+    rich would show nothing until the end, so instead a plain, flushed line at
+    the first step, then every ``every`` seconds, and at the last step (or
+    where an interrupted run stopped). ``quiet``: nothing. Counts are computed
+    only when shown, not at every step.
+    """
+
+    def __init__(self, total_steps: int, n_models: int, label: str, quiet: bool, every: float = 60.0,
+                 stream=None, clock=time.perf_counter, interactive: bool | None = None):
+        self.total, self.n_models, self.label, self.every = total_steps, n_models, label, every
+        self.stream = sys.stdout if stream is None else stream
+        self.clock = clock
+        if interactive is None:
+            try:
+                interactive = self.stream.isatty()
+            except (AttributeError, ValueError):   # no isatty, or a closed stream
+                interactive = False
+        self.mode = "quiet" if quiet else "bar" if interactive else "lines"
+        self._pop = self._evaluation = self._step = self._s0 = self._printed = None
+        self._t0 = self._last = 0.0
+        if self.mode != "bar":
             return
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
             TimeElapsedColumn, TimeRemainingColumn
 
         self.bar = RichProgress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            TextColumn("{task.fields[counts]}"), refresh_per_second=4, transient=False)
+            TextColumn("{task.fields[counts]}"), refresh_per_second=4, transient=False,
+            console=Console(file=self.stream))
         self.task = self.bar.add_task(label, total=total_steps, rate="", counts="")
         self.bar.start()
-        self._t0, self._s0 = time.perf_counter(), None
+
+    @property
+    def counts(self) -> str:
+        """The latest evaluation's counts ("" before the first)."""
+        if self._evaluation is None:
+            return ""
+        return format_counts(population_counts(self._pop, self._evaluation))
+
+    def _steps_per_second(self, now: float) -> float | None:
+        if self._step is None or self._step <= self._s0 or now <= self._t0:
+            return None
+        return (self._step - self._s0) / (now - self._t0)
 
     def __call__(self, step, pop, evaluation):
-        if evaluation is not None:
-            import numpy as np
-
-            v = evaluation.values
-            train, test = v["train_acc"], v["test_acc"]
-            grokked = test >= 0.99
-            partial = (train >= 0.99) & (test >= 0.5) & ~grokked
-            memorised = (train >= 0.99) & (test < 0.5)
-            failed = int((pop.failed_step >= 0).sum())
-            self.counts = (f"memorised {int(memorised.sum())} · partial {int(partial.sum())} · "
-                           f"grokked {int(np.sum(grokked))}" + (f" · failed {failed}" if failed else ""))
-        if self.quiet:
+        self._step, self._pop, self._evaluation = step, pop, evaluation
+        if self.mode == "quiet":
             return
-        now = time.perf_counter()
-        if self._s0 is None:
+        now = self.clock()
+        first = self._s0 is None
+        if first:
             self._t0, self._s0 = now, step
+        if self.mode == "lines":
+            if first or now - self._last >= self.every or step == self.total:
+                self._line(now)
+            return
         if now - self._last < 0.25 and step != self.total:
             return
         self._last = now
-        rate = (step - self._s0) / max(now - self._t0, 1e-9)
+        rate = self._steps_per_second(now) or 0.0
         self.bar.update(self.task, completed=step, counts=self.counts,
                         rate=f"{rate:,.0f} steps/s · {rate * self.n_models:,.0f} model-steps/s")
 
+    def _line(self, now: float):
+        self._last, self._printed = now, self._step
+        rate = self._steps_per_second(now)
+        model_rate = None if rate is None else rate * self.n_models
+        eta = None if rate is None else (self.total - self._step) / rate
+        counts = population_counts(self._pop, self._evaluation) if self._evaluation is not None else {}
+        print(f"{self.label}: step {self._step}/{self.total}  {_rate(rate)} steps/s  "
+              f"{_rate(model_rate)} model-steps/s  ETA {_duration(eta)}  {format_counts(counts, ' ')}".rstrip(),
+              file=self.stream, flush=True)
+
     def close(self):
-        if not self.quiet:
+        if self.mode == "bar":
             self.bar.stop()
+        elif self.mode == "lines" and self._step is not None and self._step != self._printed:
+            self._line(self.clock())
 
 
 # ------------------------------------------------------------------ experiments
@@ -236,10 +354,10 @@ def _train(args, experiment, out, preset, runs, steps, **kw):
         os.environ["FASTGROK_TRITON_PRECISION"] = args.precision
     if args.cuda_graph:
         os.environ["FASTGROK_TRITON_CUDA_GRAPH"] = "1"
-    progress = Progress(steps, len(runs), f"{experiment} ({len(runs)} models)", args.quiet)
+    progress = Progress(steps, len(runs), f"{experiment} ({len(runs)} models)", args.quiet, args.progress_every)
     try:
         pop = run_experiment(out, experiment, preset.task, preset.model, optim, runs, steps,
-                             schedule=SCHEDULES[preset.name], backend=args.backend, device=local_device(args.device), resume=args.resume,
+                             schedule=SCHEDULES[preset.name], backend=args.backend, device=args.device, resume=args.resume,
                              progress=progress, **kw)
     finally:
         progress.close()
@@ -268,6 +386,7 @@ def _finish(args, out: Path):
 
 def cmd_grid(args, experiment):
     preset = _preset(args)
+    _check_run_options(args)
     d = DEFAULTS[preset.name][experiment]
     n_pairs = preset.task.n_pairs
     sizes = _sizes(args, args.sizes or d["sizes"], n_pairs)
@@ -287,6 +406,7 @@ def cmd_ungrok(args):
     from fastgrok.runner import InitFrom
 
     preset = _preset(args)
+    _check_run_options(args)
     d = DEFAULTS[preset.name]["ungrok"]
     n_pairs = preset.task.n_pairs
     sizes = _sizes(args, args.sizes or d["sizes"], n_pairs)
@@ -326,6 +446,7 @@ def cmd_ungrok(args):
 
 def cmd_efficiency(args):
     preset = _preset(args)
+    _check_run_options(args)
     if preset.task.op != "x+y":
         raise UsageError(f"--task {preset.task.op}: efficiency measures the C_gen/C_mem logits of "
                          f"Appendix B, defined for x+y only")

@@ -93,13 +93,16 @@ def parse_sizes(text: str, n_pairs: int, flag: str = "--sizes") -> list[int]:
 
 
 def parse_floats(text: str | float, flag: str, minimum: float, strict: bool) -> list[float]:
-    """A comma list of numbers, each > minimum (strict) or >= minimum."""
+    """A comma list of finite numbers, each > minimum (strict) or >= minimum
+    (an infinite learning rate or weight decay trains every model to NaN)."""
     try:
         values = [float(v) for v in str(text).split(",")]
     except ValueError:
         raise ValueError(f"{flag} {text!r}: expected a number or a comma list of numbers") from None
     for v in values:
-        if not (v > minimum if strict else v >= minimum) or math.isnan(v):
+        if not math.isfinite(v):
+            raise ValueError(f"{flag} {v:g}: must be a finite number")
+        if not (v > minimum if strict else v >= minimum):
             op = ">" if strict else ">="
             raise ValueError(f"{flag} {v:g}: must be {op} {minimum:g}")
     return values

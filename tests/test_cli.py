@@ -1,4 +1,7 @@
 """The command line: every bad input is one line naming the value, exit 2, no output."""
+import io
+import re
+
 import h5py
 import numpy as np
 import pytest
@@ -26,6 +29,14 @@ def run(argv, capsys):
     (["sweep", "--preset", "cpu", "--seeds", "0"], "--seeds 0: must be >= 1"),
     (["sweep", "--preset", "cpu", "--wd", "-1"], "--wd -1: must be >= 0"),
     (["sweep", "--preset", "cpu", "--lr", "0"], "--lr 0: must be > 0"),
+    (["grok", "--preset", "cpu", "--lr", "inf"], "--lr inf: must be a finite number"),
+    (["grok", "--preset", "cpu", "--lr", "1e-3,nan"], "--lr nan: must be a finite number"),
+    (["grok", "--preset", "cpu", "--wd", "inf"], "--wd inf: must be a finite number"),
+    (["grok", "--preset", "cpu", "--wd=-inf"], "--wd -inf: must be a finite number"),
+    (["efficiency", "--preset", "cpu", "--wd", "1,inf"], "--wd inf: must be a finite number"),
+    (["ungrok", "--preset", "cpu", "--pretrain-wd", "inf"], "--pretrain-wd inf: must be a finite number"),
+    (["grok", "--preset", "cpu", "--progress-every", "-1"], "--progress-every -1: must be a number of seconds"),
+    (["grok", "--preset", "cpu", "--progress-every", "nan"], "--progress-every nan: must be a number of seconds"),
     (["sweep", "--preset", "cpu", "--steps", "0"], "--steps 0: must be >= 1"),
     (["sweep", "--preset", "cpu", "--fractions", "1.5"], "--fractions 1.5: a fraction of all pairs"),
     (["sweep", "--sizes", "100", "--fractions", "0.5"], "not allowed with argument --sizes"),
@@ -103,3 +114,140 @@ def test_toy_command_writes_and_plots(tmp_path, capsys):
     assert code == 0 and out.exists() and (tmp_path / "toy_fig2.png").exists()
     code, stdout, _ = run(["info", str(out)], capsys)
     assert code == 0 and "toy" in stdout
+
+
+# ----------------------------------------------------------------------- devices
+def fake_cuda(monkeypatch, count: int | None):
+    """This machine as one with ``count`` GPUs, or (None) a torch built without CUDA."""
+    import torch
+
+    monkeypatch.setattr(torch.version, "cuda", None if count is None else "12.4")
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: bool(count))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count or 0)
+
+
+@pytest.mark.parametrize("gpus, device, named", [
+    (None, "cuda", "--device cuda: this torch " ),
+    (None, "cuda", "is built without CUDA; valid devices on this machine: cpu"),
+    (None, "cuda:7", "--device cuda:7: this torch"),
+    (0, "cuda", "no CUDA device is visible"),
+    (2, "cuda:7", "--device cuda:7: this machine has 2 CUDA devices; valid devices on this machine: "
+                  "cpu, cuda, cuda:0, cuda:1"),
+    (1, "cuda:1", "this machine has 1 CUDA device;"),
+    (2, "gpu", "--device 'gpu': not a device; valid devices on this machine: cpu, cuda, cuda:0, cuda:1"),
+    (None, "cuda:x", "--device 'cuda:x': not a device; valid devices on this machine: cpu"),
+    (None, "", "--device '': not a device"),
+    (None, "meta", "--device meta: fastgrok trains on cpu, cuda[:N] or mps"),
+    (None, "cpu:3", "--device cpu:3: fastgrok trains on"),
+])
+@pytest.mark.parametrize("command", ["grok", "ungrok", "efficiency"])
+def test_unusable_device_is_one_line_exit_2(command, gpus, device, named, monkeypatch, tmp_path, capsys):
+    fake_cuda(monkeypatch, gpus)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run([command, "--preset", "cpu", "--device", device, "--out", str(tmp_path / "x.h5")], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and named in lines[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_torchrun_local_rank_beyond_the_gpus_is_named(monkeypatch, tmp_path, capsys):
+    fake_cuda(monkeypatch, 2)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    code, _, err = run(["grok", "--preset", "cpu", "--device", "cuda", "--out", str(tmp_path / "x.h5")], capsys)
+    assert code == 2 and "--device cuda (LOCAL_RANK=3 selects cuda:3): this machine has 2 CUDA devices" in err
+
+
+# ---------------------------------------------------------------------- progress
+LINE = re.compile(r"^(?P<label>\S+ \(\d+ models\)): step (?P<step>\d+)/(?P<total>\d+)  "
+                  r"(?P<rate>[\d.e+]+|-) steps/s  (?P<mrate>[\d.e+]+|-) model-steps/s  ETA (?P<eta>\S+)  "
+                  r"memorised (?P<mem>\d+) partial (\d+) grokked (?P<grok>\d+) failed (?P<failed>\d+)$")
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def fake_population(test_acc, train_acc, failed):
+    from types import SimpleNamespace
+
+    from fastgrok.metrics import Evaluation
+
+    pop = SimpleNamespace(failed_step=np.array(failed))
+    return pop, Evaluation(0, {"train_acc": np.array(train_acc), "test_acc": np.array(test_acc)})
+
+
+def test_batch_progress_prints_a_line_at_start_every_interval_and_at_the_end():
+    from fastgrok.cli import Progress
+
+    clock, stream = FakeClock(), io.StringIO()
+    progress = Progress(1000, 4, "grok (4 models)", quiet=False, every=60, stream=stream, clock=clock)
+    assert progress.mode == "lines"        # a StringIO is not a terminal
+    pop, ev = fake_population([1.0, 0.7, 0.1, 0.0], [1.0, 1.0, 1.0, 0.2], [-1, -1, -1, 5])
+    for step in range(1, 1001):
+        clock.now += 0.25                  # 4 steps/s, 16 model-steps/s (exact in binary)
+        progress(step, pop, ev)
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    # step 1, then every 240 steps (60 s at 0.25 s/step), then the last
+    assert [int(LINE.match(x)["step"]) for x in lines] == [1, 241, 481, 721, 961, 1000], lines
+    assert lines[0] == "grok (4 models): step 1/1000  - steps/s  - model-steps/s  ETA -  " \
+                       "memorised 1 partial 1 grokked 1 failed 1"
+    assert lines[1] == "grok (4 models): step 241/1000  4 steps/s  16 model-steps/s  ETA 3m10s  " \
+                       "memorised 1 partial 1 grokked 1 failed 1"
+    assert LINE.match(lines[-1])["eta"] == "0s"
+    assert progress.counts == "memorised 1 · partial 1 · grokked 1 · failed 1"
+
+
+def test_batch_progress_of_an_interrupted_run_ends_where_it_stopped():
+    from fastgrok.cli import Progress
+
+    clock, stream = FakeClock(), io.StringIO()
+    progress = Progress(10**7, 200, "sweep (200 models)", quiet=False, every=60, stream=stream, clock=clock)
+    pop, ev = fake_population([0.0] * 200, [0.0] * 200, [-1] * 200)
+    for step in range(5001, 5101):
+        clock.now += 0.5
+        progress(step, pop, ev)
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert [LINE.match(x)["step"] for x in lines] == ["5001", "5100"]
+    # 2 steps/s: (1e7 - 5100) / 2 s
+    assert " 2 steps/s  400 model-steps/s  ETA 57d20h  " in lines[-1]
+
+
+def test_quiet_and_terminal_progress_print_no_lines():
+    from fastgrok.cli import Progress
+
+    stream = io.StringIO()
+    progress = Progress(10, 1, "grok (1 models)", quiet=True, every=0, stream=stream)
+    pop, ev = fake_population([1.0], [1.0], [-1])
+    for step in range(1, 11):
+        progress(step, pop, ev)
+    progress.close()
+    assert stream.getvalue() == "" and progress.counts == "memorised 0 · partial 0 · grokked 1 · failed 0"
+
+
+@pytest.mark.parametrize("seconds, text", [(0, "0s"), (59.4, "59s"), (116, "1m56s"), (3 * 3600 + 7 * 60, "3h07m"),
+                                           (2 * 86400 + 5 * 3600 + 59, "2d05h")])
+def test_eta_format(seconds, text):
+    from fastgrok.cli import _duration
+
+    assert _duration(seconds) == text
+
+
+def test_batch_run_prints_progress_lines_with_stdout_captured(tmp_path, capsys):
+    out = tmp_path / "g.h5"
+    argv = ["grok", *[a for a in TINY if a != "--quiet"], "--seeds", "2", "--sizes", "30", "--no-plot",
+            "--progress-every", "0", "--out", str(out)]
+    code, stdout, err = run(argv, capsys)
+    assert code == 0, err
+    lines = [x for x in stdout.splitlines() if LINE.match(x)]
+    assert [int(LINE.match(x)["step"]) for x in lines] == list(range(1, 21)), stdout
+    assert all(LINE.match(x)["label"] == "grok (2 models)" for x in lines)
+    assert "\x1b" not in stdout, "no terminal control codes in a log"
+    quiet = run([*argv[:-1], str(tmp_path / "q.h5"), "--quiet"], capsys)[1]
+    assert not any(LINE.match(x) for x in quiet.splitlines())
