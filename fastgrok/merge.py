@@ -16,15 +16,9 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-import h5py
 import numpy as np
 
-from fastgrok.store import MetricHistory, RunWriter, TrainingState, read_resume_point
-
-
-def _snapshots(path: Path) -> dict[int, np.ndarray]:
-    with h5py.File(path, "r") as f:
-        return {int(d.attrs["step"]): d[()] for d in f["snapshots"].values()}
+from fastgrok.store import MetricHistory, RunWriter, TrainingState, read_resume_point, read_snapshots
 
 
 def merge(out: str | os.PathLike, shard_paths: Sequence[str | os.PathLike]) -> Path:
@@ -96,7 +90,7 @@ def merge(out: str | os.PathLike, shard_paths: Sequence[str | os.PathLike]) -> P
         failed[rows] = state.failed_step
         for name, arr in history.arrays(len(rows)).items():
             values[name][rows] = arr
-        for step, params in _snapshots(p).items():
+        for step, params in read_snapshots(p).items():
             snapshots.setdefault(step, np.full((total, P), np.nan, np.float32))[rows] = params
 
     init_from = None if h.init_from is None else _merged_init_from(out, loaded, total, P)

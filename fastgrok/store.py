@@ -1,32 +1,62 @@
-"""The run file: one self-describing HDF5 file per experiment, complete at every instant.
+"""The run file: one HDF5 run per experiment, complete at every instant, written at the cost of what is new.
 
-Crash safety and concurrent readers come from one rule: the file is never
-modified in place. Every write builds a complete new file next to it
-(``<name>.partial``), fsyncs it, and ``os.replace``-s it over the old one,
-then fsyncs the directory. A reader opens either the old or the new file,
-never a half-written one; a process killed at any instant leaves the last
-complete file (and at most a stale ``.partial``, removed by the next write).
-Metrics and the checkpoint travel together in each write, so the file's
-evaluation points are exactly those up to its checkpoint step: a resumed run
-recomputes the later ones, none is lost or stored twice.
+A run is the file a user opens, ``X.h5``, and the directory beside it,
+``X.h5.d/``, which holds the large arrays, one HDF5 file each:
 
-Why not HDF5 SWMR: a SWMR writer killed by SIGKILL leaves the superblock
-marked "open for write", and the file cannot be reopened for writing without
-the external ``h5clear`` tool (h5py has no equivalent; checked with h5py
-3.16 / HDF5 2.0); SWMR forbids new datasets while writing (snapshots at
-arbitrary steps) and overwriting a checkpoint in place is not atomic; and it
-needs POSIX write ordering that network file systems do not give. The price
-of rewriting is a copy of the file per write; the runner bounds it by writing
-at most every ``checkpoint_seconds`` and never more than a small fraction of
-run time (see ``fastgrok.runner``).
+    X.h5                          header, metrics, timings, complete flag; links to the rest
+    X.h5.d/checkpoint-<step>.h5   the latest state: parameters, both AdamW moments, failed steps
+    X.h5.d/snapshot-<step>.h5     parameters at a chosen step, written once, never rewritten
 
-Layout (schema 1; every array is plain HDF5, readable without fastgrok):
+Copy, move or delete the two together (``cp -r X.h5 X.h5.d DEST/``); a run
+may be renamed (``Y.h5`` with ``Y.h5.d``): fastgrok finds the arrays in the
+directory named after the file it opens. ``X.h5`` alone still reads its
+configuration and metrics (``read_run``, ``plot``, ``info``); parameters need
+the directory.
 
-    /                  attrs: schema_version, fastgrok_version, numpy_version,
+One write (``RunWriter.write``), in this order:
+1. each new snapshot: ``snapshot-<step>.h5.partial`` written, fsynced, renamed
+   to ``snapshot-<step>.h5``;
+2. the checkpoint: ``checkpoint-<step>.h5.partial`` written, fsynced, renamed
+   to ``checkpoint-<step>.h5``; then the directory is fsynced;
+3. ``X.h5.partial`` (header, all metrics, links to the checkpoint and every
+   snapshot) written, fsynced, ``os.replace``-d over ``X.h5``; the parent
+   directory is fsynced;
+4. only then are the previous checkpoint and any file the new ``X.h5`` does
+   not refer to (left by a kill) deleted.
+So a write costs the new state, the new snapshots and the small file of
+metrics (bounded by the evaluation schedule: 549 points for 3*10^7 steps),
+however many snapshots the run holds: nothing already written is copied.
+
+A reader opens ``X.h5`` and sees the old or the new version, never a
+half-written one; every file that version names was durable before it was.
+Metrics and the checkpoint step live in ``X.h5``, so ``read_run`` opens one
+file. The one race is step 4: a reader that opened the previous ``X.h5`` and
+then opens its checkpoint after the writer deleted it finds it gone; the
+readers here open the checkpoint right after ``X.h5`` (an open file survives
+its deletion) and, if it is gone, start over from the new ``X.h5``.
+Snapshots are never deleted while referred to.
+
+A ``kill -9`` between any two steps leaves the last ``X.h5`` and every file it
+names intact: killed in 1-3 it is the previous write (the resumed run
+recomputes the lost steps, bit for bit, and rewrites their snapshots); the
+files left over (``*.partial``, a checkpoint or snapshot ``X.h5`` does not
+name) are removed by the resumed run's first write. ``X.h5`` holds the
+metrics up to its checkpoint's step exactly, so none is lost or stored twice.
+
+Why not HDF5 SWMR or appending in place: a SWMR writer killed by SIGKILL
+leaves the superblock marked "open for write" (reopening needs the external
+``h5clear`` tool; checked with h5py 3.16 / HDF5 2.0), SWMR forbids new
+datasets while writing, an in-place overwrite of a checkpoint is not atomic,
+and both need POSIX write ordering that network file systems do not give.
+
+Layout (schema 2; every array is plain HDF5, readable without fastgrok):
+
+    X.h5 /             attrs: schema_version, fastgrok_version, numpy_version,
                        torch_version, experiment, task, model, optim, schedule,
                        init_from, shard (JSON), param_layout (JSON: names, shapes in
                        flat order), steps (target), backend, complete,
-                       seconds_train / seconds_eval / seconds_write (cumulative)
+                       seconds_train / seconds_eval / seconds_write (cumulative),
+                       state_step (the checkpoint's step)
     /runs/<field>      (M,) one column per RunSpec field
     /runs/train_idx    (M, max D) int32: model m's training pairs (row-major
                        pair index into the task's full dataset) in split
@@ -35,18 +65,31 @@ Layout (schema 1; every array is plain HDF5, readable without fastgrok):
     /metrics/step      (E,) int64 evaluation steps
     /metrics/wall_seconds (E,) float64 run time (all sessions) at each point
     /metrics/<name>    (M, E) float64, names from ``fastgrok.metrics``
-    /state/params, /state/exp_avg, /state/exp_avg_sq  (M, P) float32
-    /state/failed_step (M,) int64;  attrs: step
-    /snapshots/step_<10 digits>  (M, P) float32 parameters; attrs: step
+    /failed_step       (M,) int64, the checkpoint's (a copy, so readers of
+                       metrics need not open the checkpoint)
+    /state             external link to X.h5.d/checkpoint-<step>.h5:/state
+    /snapshots/step_<10 digits>  external link to X.h5.d/snapshot-<step>.h5:/params
+    checkpoint /state  attrs: step; params, exp_avg, exp_avg_sq (M, P) float32,
+                       failed_step (M,) int64
+    snapshot /params   (M, P) float32; attrs: step
+
+``h5py.File("X.h5")["state/params"]`` follows the links (HDF5 resolves them
+against the directory of the file; if the target is missing it also tries
+the current directory, so a renamed run is read through fastgrok, which
+resolves them by the file's own name). Schema 1 (one file holding the state
+and snapshots inline) is still read, and resuming one moves its snapshots
+into files of their own on the first write.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import h5py
 import numpy as np
@@ -62,19 +105,46 @@ from fastgrok.tasks import Task
 if TYPE_CHECKING:
     import pandas as pd
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)   # 1: state and snapshots inside the run file
 RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunSpec))
 STATE_ARRAYS = ("params", "exp_avg", "exp_avg_sq")
 TIMINGS = ("seconds_train", "seconds_eval", "seconds_write")
+# A reader that loses the race of step 4 (module docstring) starts over; each
+# loss needs a whole write to complete meanwhile, so a few tries are plenty.
+READ_TRIES = 10
+_ARRAY_FILE = re.compile(r"(checkpoint|snapshot)-\d{10}\.h5(\.partial)?")
 
 
 def partial_path(path: str | os.PathLike) -> Path:
+    """Where a file is written before it replaces ``path``."""
     path = Path(path)
     return path.with_name(path.name + ".partial")
 
 
+def run_dir(path: str | os.PathLike) -> Path:
+    """The directory of a run's checkpoint and snapshot files: ``X.h5`` -> ``X.h5.d``."""
+    path = Path(path)
+    return path.with_name(path.name + ".d")
+
+
+def run_files(path: str | os.PathLike) -> list[Path]:
+    """Every file of the run at ``path`` that exists (the file, then its arrays'), to copy or delete."""
+    path = Path(path)
+    d = run_dir(path)
+    return [p for p in [path] if p.exists()] + (sorted(d.iterdir()) if d.is_dir() else [])
+
+
 def _snapshot_name(step: int) -> str:
     return f"step_{step:010d}"
+
+
+def _snapshot_file(step: int) -> str:
+    return f"snapshot-{step:010d}.h5"
+
+
+def _checkpoint_file(step: int) -> str:
+    return f"checkpoint-{step:010d}.h5"
 
 
 # -------------------------------------------------------------------- header
@@ -149,11 +219,13 @@ def _header_from_file(f: h5py.File) -> RunHeader:
     )
 
 
-def _check_schema(f: h5py.File, path) -> None:
+def _check_schema(f: h5py.File, path) -> int:
     version = int(f.attrs.get("schema_version", -1))
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMAS:
         raise ValueError(f"{path} has run-file schema version {version}; this fastgrok "
-                         f"({fastgrok.__version__}) reads version {SCHEMA_VERSION}")
+                         f"({fastgrok.__version__}) reads version {SCHEMA_VERSION} and the older "
+                         f"{', '.join(map(str, READABLE_SCHEMAS[:-1]))}")
+    return version
 
 
 # ---------------------------------------------------------------- run state
@@ -221,10 +293,14 @@ class MetricHistory:
 
 # -------------------------------------------------------------------- writer
 class RunWriter:
-    """Writes one run's file atomically; see the module docstring."""
+    """Writes one run: each write adds what is new and switches ``X.h5`` to it; see the module docstring.
+
+    One writer per run at a time (the runner of a session, or ``merge``).
+    """
 
     def __init__(self, path: str | os.PathLike, header: RunHeader, target_steps: int, backend: str):
         self.path = Path(path)
+        self.dir = run_dir(self.path)
         self.header, self.target_steps, self.backend = header, int(target_steps), backend
         task = Task(header.task)
         splits = [task.split(r.data_seed, r.train_size, r.random_labels) for r in header.runs]
@@ -237,23 +313,69 @@ class RunWriter:
         shapes = param_shapes(header.model)
         self.param_layout = json.dumps({"names": list(PARAM_NAMES),
                                         "shapes": [list(shapes[k]) for k in PARAM_NAMES]})
+        self.snapshot_steps: set[int] | None = None   # those X.h5 refers to; read at the first write
 
     def write(self, state: TrainingState, history: MetricHistory, *, complete: bool,
               timings: dict[str, float], new_snapshots: dict[int, np.ndarray] | None = None) -> None:
-        """Replace the file with one holding this state, these metrics and all snapshots."""
+        """Make the run hold this state, these metrics, its snapshots so far and ``new_snapshots``."""
+        if not self.dir.is_dir():
+            self.dir.mkdir(parents=True)
+            _fsync_path(self.dir.parent)     # the directory's entry is durable before X.h5 names it
+        if self.snapshot_steps is None:
+            self.snapshot_steps = self._adopt_stored_snapshots()
+        snapshots = set(self.snapshot_steps)
+        for step, params in sorted((new_snapshots or {}).items()):
+            if int(step) not in snapshots:   # written once: a stored snapshot is never rewritten
+                _write_atomically(self.dir / _snapshot_file(int(step)),
+                                  lambda f, s=int(step), p=params: _fill_snapshot(f, s, p))
+                snapshots.add(int(step))
+        checkpoint = self.dir / _checkpoint_file(int(state.step))
+        _write_atomically(checkpoint, lambda f: _fill_checkpoint(f, state))
+        _fsync_path(self.dir)                # the renames above are durable before X.h5 names them
+
         tmp = partial_path(self.path)
         with h5py.File(tmp, "w") as f:
             self._write_header(f, complete, timings)
+            f.attrs["state_step"] = int(state.step)
             self._write_metrics(f, history, len(self.header.runs))
-            g = f.create_group("state")
-            g.attrs["step"] = int(state.step)
-            for name in STATE_ARRAYS:
-                g.create_dataset(name, data=getattr(state, name))
-            g.create_dataset("failed_step", data=state.failed_step.astype(np.int64))
-            self._write_snapshots(f, new_snapshots or {})
+            f.create_dataset("failed_step", data=state.failed_step.astype(np.int64))
+            f["state"] = h5py.ExternalLink(self._link_target(checkpoint.name), "/state")
+            g = f.create_group("snapshots")
+            for step in sorted(snapshots):
+                g[_snapshot_name(step)] = h5py.ExternalLink(self._link_target(_snapshot_file(step)),
+                                                            "/params")
         _fsync_path(tmp)
         os.replace(tmp, self.path)
         _fsync_path(self.path.parent)
+        self.snapshot_steps = snapshots
+        self._remove_unreferenced(keep={checkpoint.name} | {_snapshot_file(s) for s in snapshots})
+
+    def _link_target(self, name: str) -> str:
+        # Relative to X.h5's directory, where HDF5 looks first.
+        return f"{self.dir.name}/{name}"
+
+    def _adopt_stored_snapshots(self) -> set[int]:
+        """The snapshot steps of the run at ``path`` (none for a new run); a schema-1 file's
+        inline snapshots are written out into files of their own, once."""
+        if not self.path.exists():
+            return set()
+        steps = set()
+        with h5py.File(self.path, "r") as f:
+            _check_schema(f, self.path)
+            for name in f.get("snapshots", {}):
+                step = int(name.removeprefix("step_"))
+                if not isinstance(f["snapshots"].get(name, getlink=True), h5py.ExternalLink):
+                    params = f["snapshots"][name][()]
+                    _write_atomically(self.dir / _snapshot_file(step),
+                                      lambda out, s=step, p=params: _fill_snapshot(out, s, p))
+                steps.add(step)
+        return steps
+
+    def _remove_unreferenced(self, keep: set[str]) -> None:
+        """Delete the previous checkpoint and what kills left; only names this store writes."""
+        for p in self.dir.iterdir():
+            if p.name not in keep and _ARRAY_FILE.fullmatch(p.name):
+                p.unlink(missing_ok=True)
 
     def _write_header(self, f: h5py.File, complete: bool, timings: dict[str, float]) -> None:
         a = f.attrs
@@ -285,15 +407,27 @@ class RunWriter:
         for name, values in history.arrays(n_models).items():
             g.create_dataset(name, data=values)
 
-    def _write_snapshots(self, f: h5py.File, new_snapshots: dict[int, np.ndarray]) -> None:
-        g = f.create_group("snapshots")
-        if self.path.exists():
-            with h5py.File(self.path, "r") as old:
-                for name in old.get("snapshots", {}):
-                    old.copy(old["snapshots"][name], g, name)
-        for step, params in sorted(new_snapshots.items()):
-            if _snapshot_name(step) not in g:
-                g.create_dataset(_snapshot_name(step), data=params).attrs["step"] = int(step)
+
+def _fill_checkpoint(f: h5py.File, state: TrainingState) -> None:
+    g = f.create_group("state")
+    g.attrs["step"] = int(state.step)
+    for name in STATE_ARRAYS:
+        g.create_dataset(name, data=getattr(state, name))
+    g.create_dataset("failed_step", data=state.failed_step.astype(np.int64))
+
+
+def _fill_snapshot(f: h5py.File, step: int, params: np.ndarray) -> None:
+    f.create_dataset("params", data=params).attrs["step"] = int(step)
+
+
+def _write_atomically(path: Path, fill: Callable[[h5py.File], None]) -> None:
+    """Write ``path`` in full under another name, fsync it, rename it in place (the caller
+    fsyncs the directory once for all its renames)."""
+    tmp = partial_path(path)
+    with h5py.File(tmp, "w") as f:
+        fill(f)
+    _fsync_path(tmp)
+    os.replace(tmp, path)
 
 
 def _fsync_path(path: Path) -> None:
@@ -356,36 +490,84 @@ class RunData:
 
 
 def read_run(path: str | os.PathLike) -> RunData:
-    """Read a run file's configuration and metrics (safe while the run writes it)."""
+    """Read a run's configuration and metrics (safe while the run writes it; needs only ``X.h5``)."""
     path = Path(path)
     with h5py.File(path, "r") as f:
-        return _run_data(f, path)
+        return _run_data(f, path, _check_schema(f, path))
 
 
-def _run_data(f: h5py.File, path: Path) -> RunData:
-    _check_schema(f, path)
+def _run_data(f: h5py.File, path: Path, version: int) -> RunData:
     a, g = f.attrs, f["metrics"]
     names = json.loads(g.attrs["names"])
+    if version >= 2:
+        state_step, failed_step = int(a["state_step"]), f["failed_step"][()]
+    else:
+        state_step, failed_step = int(f["state"].attrs["step"]), f["state/failed_step"][()]
     return RunData(
         path=path, header=_header_from_file(f), target_steps=int(a["steps"]),
         complete=bool(a["complete"]), backend=str(a["backend"]),
         fastgrok_version=str(a["fastgrok_version"]),
-        state_step=int(f["state"].attrs["step"]), failed_step=f["state/failed_step"][()],
+        state_step=state_step, failed_step=failed_step,
         steps=g["step"][()], wall_seconds=g["wall_seconds"][()],
         metrics={name: g[name][()] for name in names},
-        snapshot_steps=sorted(int(d.attrs["step"]) for d in f["snapshots"].values()),
+        # From the names alone: listing the snapshots opens none of their files.
+        snapshot_steps=sorted(int(name.removeprefix("step_")) for name in f["snapshots"]),
         timings={name: float(a[name]) for name in TIMINGS},
     )
 
 
-def read_resume_point(path: str | os.PathLike) -> tuple[RunData, TrainingState, MetricHistory]:
-    """A run file's description, checkpoint and metric history, to continue it."""
-    path = Path(path)
+def _linked(f: h5py.File, path: Path, name: str) -> Path | None:
+    """The file an external link of X.h5 names, found in X.h5.d by X.h5's current name
+    (so a renamed run still reads its own arrays); None where the object is inline (schema 1)."""
+    link = f.get(name, getlink=True)
+    if not isinstance(link, h5py.ExternalLink):
+        return None
+    return run_dir(path) / Path(link.filename).name
+
+
+def _missing(path: Path, target: Path) -> ValueError:
+    return ValueError(f"{path} refers to {target}, which does not exist: a run is its file and "
+                      f"the directory {run_dir(path).name} beside it; copy or move them together")
+
+
+@contextmanager
+def _open_with_state(path: Path) -> Iterator[tuple[h5py.File, int, h5py.Group]]:
+    """(X.h5, its schema version, its checkpoint's /state group), consistent with each other."""
+    for _ in range(READ_TRIES):
+        with h5py.File(path, "r") as f:
+            version = _check_schema(f, path)
+            target = _linked(f, path, "state")
+            if target is None:
+                yield f, version, f["state"]
+                return
+            try:
+                checkpoint = h5py.File(target, "r")
+            except OSError:   # FileNotFoundError, or HDF5's own error if it vanished mid-open
+                if _linked_now(path) != target:
+                    continue   # the writer replaced X.h5 and removed this checkpoint meanwhile
+                if not target.exists():
+                    raise _missing(path, target) from None
+                raise
+            with checkpoint:
+                yield f, version, checkpoint["state"]
+                return
+    raise OSError(f"{path}: its checkpoint was replaced {READ_TRIES} times while being opened")
+
+
+def _linked_now(path: Path) -> Path | None:
     with h5py.File(path, "r") as f:
-        data = _run_data(f, path)
-        s = f["state"]
+        return _linked(f, path, "state")
+
+
+def read_resume_point(path: str | os.PathLike) -> tuple[RunData, TrainingState, MetricHistory]:
+    """A run's description, checkpoint and metric history, to continue it."""
+    path = Path(path)
+    with _open_with_state(path) as (f, version, s):
+        data = _run_data(f, path, version)
         state = TrainingState(int(s.attrs["step"]), *(s[name][()] for name in STATE_ARRAYS),
                               s["failed_step"][()])
+    if state.step != data.state_step:
+        raise ValueError(f"{path} is at step {data.state_step} but its checkpoint holds step {state.step}")
     history = MetricHistory(tuple(data.metrics), [int(v) for v in data.steps],
                             [float(v) for v in data.wall_seconds],
                             {name: list(values.T) for name, values in data.metrics.items()})
@@ -397,17 +579,29 @@ def read_params(path: str | os.PathLike, step: int | None = None,
     """(step, flat parameters (M', P) float32): the latest state, or the snapshot at ``step``."""
     path = Path(path)
     rows = slice(None) if models is None else models
+    if step is None:
+        with _open_with_state(path) as (_, _, s):
+            return int(s.attrs["step"]), _read_rows(s["params"], rows)
     with h5py.File(path, "r") as f:
         _check_schema(f, path)
-        if step is None:
-            d = f["state/params"]
-            return int(f["state"].attrs["step"]), _read_rows(d, rows)
-        name = _snapshot_name(int(step))
-        if name not in f["snapshots"]:
-            available = sorted(int(d.attrs["step"]) for d in f["snapshots"].values())
+        name, stored = _snapshot_name(int(step)), list(f["snapshots"])
+        if name not in stored:   # by name: a membership test would open the linked file
+            available = sorted(int(n.removeprefix("step_")) for n in stored)
             raise ValueError(f"{path} has no parameter snapshot at step {step}; "
                              f"snapshots: {available or 'none'} (step=None reads the latest state)")
-        return int(step), _read_rows(f["snapshots"][name], rows)
+        target = _linked(f, path, f"snapshots/{name}")
+        if target is None:
+            return int(step), _read_rows(f["snapshots"][name], rows)
+    # Snapshots are never removed while X.h5 names them: no race to handle.
+    if not target.exists():
+        raise _missing(path, target)
+    with h5py.File(target, "r") as s:
+        return int(step), _read_rows(s["params"], rows)
+
+
+def read_snapshots(path: str | os.PathLike) -> dict[int, np.ndarray]:
+    """step -> flat parameters (M, P) of every snapshot of a run (for ``fastgrok.merge``)."""
+    return {step: read_params(path, step)[1] for step in read_run(path).snapshot_steps}
 
 
 def _read_rows(dataset: h5py.Dataset, rows) -> np.ndarray:
@@ -423,4 +617,5 @@ def _read_rows(dataset: h5py.Dataset, rows) -> np.ndarray:
 
 
 __all__ = ["RunHeader", "TrainingState", "MetricHistory", "RunWriter", "RunData", "read_run",
-           "read_resume_point", "read_params", "partial_path", "SCHEMA_VERSION"]
+           "read_resume_point", "read_params", "read_snapshots", "partial_path", "run_dir",
+           "run_files", "SCHEMA_VERSION"]
