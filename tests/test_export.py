@@ -8,6 +8,12 @@ for this architecture, reading only the exported keys; and the key/shape
 table is the one a ``HookedTransformer`` of this config has. Both were
 checked once against the real library (TransformerLens 3.9.0 and 2.16.1,
 ``model.load_state_dict(sd, strict=False)``), see the closing note of issue 4.
+
+``to_transformer_lens`` builds the real thing, so its tests run only where
+TransformerLens is installed (4.x: TransformerBridge, 2.x / 3.x:
+HookedTransformer) and are skipped with the reason otherwise;
+``bench/check_transformer_lens.sh [VERSION]`` runs them, and a logit
+comparison, in a fresh venv.
 """
 import math
 
@@ -16,8 +22,9 @@ import pytest
 import torch
 
 from fastgrok.config import ModelConfig, OptimConfig, RunSpec, TaskConfig
-from fastgrok.export import (load_reference_model, reference_state_dict, transformer_lens_export,
-                             unflatten)
+import fastgrok.export
+from fastgrok.export import (load_reference_model, reference_state_dict, to_transformer_lens,
+                             transformer_lens_export, transformer_lens_version, unflatten)
 from fastgrok.model import PARAM_NAMES, Transformer
 from fastgrok.runner import run_experiment
 from fastgrok.schedule import EvalSchedule
@@ -120,3 +127,54 @@ def test_transformer_lens_export_gives_reference_logits(run_file, step):
 def test_unflatten_rejects_the_wrong_size():
     with pytest.raises(ValueError, match=r"flat parameters of shape \(5,\)"):
         unflatten(np.zeros(5), MODEL)
+
+
+def test_reference_state_dict_rejects_a_non_integer_model_index(run_file):
+    path, _ = run_file
+    for bad in (1.5, True, "0"):
+        with pytest.raises(TypeError, match=f"model index {bad!r}: must be an integer"):
+            reference_state_dict(path, bad)
+
+
+def test_to_transformer_lens_without_the_package_says_how_to_install_it(run_file, monkeypatch):
+    monkeypatch.setattr(fastgrok.export, "transformer_lens_version", lambda: None)
+    with pytest.raises(ImportError, match="pip install transformer-lens"):
+        to_transformer_lens(run_file[0], 0)
+
+
+def _transformer_lens():
+    return pytest.importorskip(
+        "transformer_lens", reason="TransformerLens is not installed (pip install transformer-lens, "
+        "or bench/check_transformer_lens.sh runs these tests in a fresh venv)")
+
+
+@pytest.mark.parametrize("step", [None, 10])
+def test_to_transformer_lens_gives_reference_logits(run_file, step):
+    _transformer_lens()
+    version = transformer_lens_version()
+    want_type = "TransformerBridge" if int(version.split(".")[0]) >= 4 else "HookedTransformer"
+    path, pop = run_file
+    tokens = torch.as_tensor(Task(TASK).tokens)                       # every task input, (N, T)
+    for m in range(pop.M):
+        rng = torch.random.get_rng_state()
+        tl_model = to_transformer_lens(path, m, step)
+        assert torch.equal(torch.random.get_rng_state(), rng), "to_transformer_lens moved the torch RNG"
+        assert type(tl_model).__name__ == want_type and not tl_model.training
+        with torch.no_grad():
+            want = load_reference_model(path, m, step)(tokens)             # (N, T, V) every position
+            got, cache = tl_model.run_with_cache(tokens)
+        diff = (got - want).abs().max().item()
+        assert got.shape == want.shape and diff <= 1e-5, \
+            f"TransformerLens {version}, model {m}, step {step}: max |logit diff| {diff:.3g}"
+        pattern = cache["blocks.0.attn.hook_pattern"]                      # (N, H, T, T)
+        assert pattern.shape == (len(tokens), MODEL.n_heads, 4, 4)
+        torch.testing.assert_close(pattern.sum(-1), torch.ones(pattern.shape[:-1]))
+
+
+def test_to_transformer_lens_names_a_bad_model_or_step(run_file):
+    _transformer_lens()
+    path, pop = run_file
+    with pytest.raises(ValueError, match=f"model index {pop.M} is outside 0..{pop.M - 1}"):
+        to_transformer_lens(path, pop.M)
+    with pytest.raises(ValueError, match="no parameter snapshot at step 20; snapshots: \\[10\\]"):
+        to_transformer_lens(path, 0, 20)
