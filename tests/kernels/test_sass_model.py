@@ -1,0 +1,173 @@
+"""bench/sass_model.py: SASS counting, loop trip counts and the float-atomic check.
+
+The tiny kernels below are compiled ahead of time (no GPU needed) and their
+counts compared with what their shapes and loops imply by hand: a dot of
+(BM, BK) @ (BK, BN) per inner iteration is 2*BM*BN*BK FLOPs whatever
+HMMA/HGMMA shape the compiler picks, and every (BM, BN) tile stored moves
+BM*BN*4 bytes. The paper-size kernels are in the slow test at the end.
+"""
+import importlib.util
+import inspect
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _load_sass_model():
+    spec = importlib.util.spec_from_file_location("sass_model", os.path.join(ROOT, "bench", "sass_model.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sass_model"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+sm = _load_sass_model()
+META = torch.empty(1, device="meta")
+
+
+@triton.jit
+def _atomic_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr, FLOAT: tl.constexpr, ATOMIC: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs)
+    if ATOMIC:
+        if FLOAT:
+            tl.atomic_add(out_ptr + offs, x, sem="relaxed")
+        else:
+            tl.atomic_add(out_ptr + offs, x.to(tl.int32), sem="relaxed")
+    else:
+        tl.store(out_ptr + offs, x)
+
+
+def _sass(fn, kwargs, arch=90):
+    compiled, _ = sm.aot.compile_kernel(fn, kwargs, arch)
+    return sm.disassemble(compiled.asm["cubin"])
+
+
+@pytest.mark.parametrize("flavour, found", [("float atomic_add", True), ("int atomic_add", False), ("store", False)])
+def test_float_atomics_finds_float_red_atom_only(flavour, found):
+    out = torch.empty(1, device="meta", dtype=torch.int32 if flavour == "int atomic_add" else torch.float32)
+    sass = _sass(_atomic_kernel, dict(x_ptr=META, out_ptr=out, BLOCK=128, FLOAT=flavour.startswith("float"),
+                                      ATOMIC="atomic" in flavour, num_warps=4))
+    lines = sm.float_atomics(sass)
+    if found:
+        assert lines and all(("RED" in ln or "ATOM" in ln) and "F32" in ln for ln in lines), lines
+    else:
+        assert lines == [], lines
+        if flavour == "int atomic_add":  # the integer atomic is there, it just is not a float one
+            assert any(i.base in ("RED", "REDG", "ATOM", "ATOMG") for i in sm.parse_sass(sass)[0])
+
+
+def test_float_atomics_on_text():
+    sass = """
+        /*0100*/                   REDG.E.ADD.F32.FTZ.RN.STRONG.GPU desc[UR4][R2.64], R5 ;
+        /*0110*/               @P0 REDG.E.ADD.F32x4.FTZ.RN.STRONG.GPU desc[UR4][R2.64], R8 ;
+        /*0120*/                   REDG.E.ADD.STRONG.GPU desc[UR4][R2.64], R5 ;
+        /*0130*/                   ATOMG.E.ADD.F64.RN.STRONG.GPU PT, R4, desc[UR4][R2.64], R6 ;
+        /*0140*/                   ATOMS.CAS R0, [R2], R4, R5 ;
+        /*0150*/                   FADD R0, R1, R2 ;
+    """
+    found = sm.float_atomics(sass)
+    assert [line.split()[1].split(".")[0] for line in found] == ["REDG", "@P0", "ATOMG"]
+    assert "F32x4" in found[1] and "F64" in found[2]
+
+
+@triton.jit
+def _dot_loops(a_ptr, b_ptr, c_ptr, n_outer, K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+               BK: tl.constexpr, PRECISION: tl.constexpr):
+    offs_m = tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    tile = offs_m[:, None] * BN + offs_n[None, :]
+    for o in range(0, n_outer):
+        acc = tl.zeros((BM, BN), tl.float32)
+        for k0 in range(0, K, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            a = tl.load(a_ptr + offs_m[:, None] * K + offs_k[None, :])
+            b = tl.load(b_ptr + offs_k[:, None] * BN + offs_n[None, :])
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        tl.store(c_ptr + o * BM * BN + tile, acc)
+        if tl.program_id(0) == 1:
+            tl.store(c_ptr + tile, acc * 2.0)
+
+
+# K = 256: the inner loop is fully unrolled; 1024: ptxas peels and unrolls it
+# (6 SASS iterations of 5 plus 2 peeled on sm_90); 2048: unrolled by 4.
+@pytest.mark.parametrize("arch, K", [(90, 256), (90, 1024), (80, 2048)])
+def test_dot_in_nested_loops_counts_known_flops_and_bytes(arch, K):
+    BM, BN, BK, n_outer, programs = 64, 32, 32, 3, 5
+    kwargs = dict(a_ptr=META, b_ptr=META, c_ptr=META, n_outer=n_outer, K=K, BM=BM, BN=BN, BK=BK,
+                  PRECISION="tf32", num_warps=4, num_stages=1)
+    model = sm.analyze(_dot_loops, kwargs, (programs,), arch)
+    kinds = {k[0] for k in model.tensor_flops}
+    assert kinds == {"wgmma" if arch == 90 else "mma.sync"}
+    flops = 2 * BM * BN * K * n_outer * programs
+    assert sum(model.tensor_flops.values()) == flops
+    assert model.dot_flops == flops and model.useful_dot_flops == flops  # no replication at this shape
+    assert model.l2_bytes["a_ptr"] == 4 * BM * K * n_outer * programs
+    assert model.l2_bytes["b_ptr"] == 4 * K * BN * n_outer * programs
+    # every program stores its tile once per outer iteration; program 1 a second time (the if)
+    assert model.l2_bytes["c_ptr"] == 4 * BM * BN * n_outer * (programs + 1)
+    assert model.touched["c_ptr"] == {"store"} and model.float_atomics == []
+    lines, first = inspect.getsourcelines(_dot_loops.fn)
+    outer_line = first + next(i for i, line in enumerate(lines) if "for o in" in line)
+    outer = [(trips, source) for lp, trips, source, *_ in model.loops if lp.chain[0][1] == outer_line]
+    assert outer == [(n_outer, n_outer)], model.loops
+
+
+def test_sass_counter_trip_count_of_an_unrolled_loop():
+    """A counter from 0x20 by 0xa0 while < 0x3e0: 6 iterations (the peeled and
+    5-fold unrolled loop of K = 1024 above), whatever the source range says."""
+    text = """
+        /*0000*/                   IMAD.MOV.U32 R52, RZ, RZ, 0x20 ;
+.L_x_0:
+        /*0010*/                   HGMMA.64x32x8.F32.TF32 R24, gdesc[UR4], R24 ;
+        /*0020*/                   IADD3 R52, P0, R52, 0xa0, RZ ;
+        /*0030*/                   ISETP.GE.U32.AND P0, PT, R52, 0x3e0, PT ;
+        /*0040*/                   ISETP.GE.U32.AND.EX P0, PT, R51, RZ, PT, P0 ;
+        /*0050*/              @!P0 BRA `(.L_x_0) ;
+        /*0060*/                   EXIT ;
+"""
+    instrs, labels = sm.parse_sass(text)
+    (loop,) = sm.find_loops(instrs, labels)
+    assert (loop.start, loop.end) == (1, 5)
+    assert sm.sass_trip_count(instrs, loop) == 6
+    assert sm.tensor_op(instrs[1]) == ("wgmma", "TF32", 2 * 64 * 32 * 8 // 4)
+
+
+def test_persistent_loop_trip_counts_per_program(tmp_path):
+    """tl.range(program_id, n_tiles, num_programs): 10 tiles over 4 programs is 3, 3, 2, 2."""
+    src = tmp_path / "persistent.py"
+    src.write_text("def kernel(n_tiles, BLOCK):\n"
+                   "    for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0)):\n"
+                   "        for k in range(0, 100, BLOCK):\n"
+                   "            pass\n"
+                   "        if tl.program_id(0) == 3:\n"
+                   "            pass\n")
+    launch = sm.Launch(dict(n_tiles=10, BLOCK=32), (4,))
+    tiles = sm.Loop(0, 1, ".L_x_0", ((str(src), 2),))
+    assert list(launch.trip_count(tiles)) == [3, 3, 2, 2]
+    assert launch.trip_count(sm.Loop(0, 1, ".L_x_1", ((str(src), 3),))) == 4
+    assert list(launch.source_trips(((str(src), 4),))) == [12, 12, 8, 8]
+    assert list(launch.branch_weight(((str(src), 6),))) == [0, 0, 0, 1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", sm.PRECISIONS)
+@pytest.mark.parametrize("arch", [80, 90])
+def test_paper_kernels_counts_match_their_dots(arch, precision):
+    """At the paper config the SASS tensor FLOPs equal the TTGIR's dots x replication
+    x their source loops, and those dots the kernels' matmul FLOPs by hand."""
+    from fastgrok.config import get_preset
+
+    cfg = get_preset("paper").model
+    for fn, grid, kwargs in sm.step_launches(cfg, precision, arch, M=8, D=200, programs=sm.GPUS[arch][0].sms):
+        model = sm.analyze(fn, kwargs, grid, arch)
+        ok, text = sm.cross_check(model, kwargs, precision, sm.Layout.from_config(cfg))
+        assert ok, f"{fn.__name__} sm_{arch} {precision}: {text}"
+        assert model.issue > 0 and np.all(model.per_program > 0)
