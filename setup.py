@@ -4,7 +4,7 @@ Everything declarative lives in pyproject.toml. This file builds the optional
 C++ CPU engine in csrc/ as ``fastgrok._cpu_engine``. When the build fails
 (no compiler, no OpenMP, an exotic platform), fastgrok still installs: the
 failure is printed as a warning and written next to where the extension would
-be, and ``fastgrok.cpu_engine.available()`` reports it.
+be, and ``fastgrok.backends.cpu_engine.CpuBackend.available()`` reports it.
 
 Flags, first set that builds wins:
   1. -O3 -march=native -mprefer-vector-width=512 -ffp-contract=fast -fno-math-errno -fopenmp

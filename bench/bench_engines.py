@@ -10,7 +10,7 @@ Methods, all on the same task, splits and initial weights:
 
 Rounds interleave the methods so that a noisy machine slows them alike; the
 median round is reported. Achieved GFLOP/s counts the batched engine's FLOPs
-per model-step (fastgrok.engine.flops_per_model_step) for every method, so it
+per model-step (fastgrok.backends.torch_engine.flops_per_model_step) for every method, so it
 is throughput in common units, and it is compared with the machine's sgemm
 peak measured at start-up. Memory is measured per method in a fresh
 subprocess: peak RSS of constructing and stepping M models, minus the RSS
@@ -36,8 +36,10 @@ import torch
 
 import fastgrok
 from fastgrok.config import RunSpec, get_preset
-from fastgrok.engine import Population, flops_per_model_step
-from fastgrok.model import PARAM_NAMES, Transformer
+from fastgrok.backends.torch_engine import flops_per_model_step
+from fastgrok.population import Population
+from fastgrok.layout import PARAM_NAMES, ParamLayout
+from fastgrok.model import Transformer
 from fastgrok.tasks import Task
 
 CONFIGS = {"paper": dict(preset="paper", M=8, D=2000), "cpu": dict(preset="cpu", M=64, D=925)}
@@ -115,9 +117,9 @@ def build(method, task, cfg, runs):
 
 
 def available_methods(task, cfg) -> list[str]:
-    from fastgrok.engine import resolve_backend
+    from fastgrok.backends.cpu_engine import CpuBackend
 
-    cpu_ok = resolve_backend("auto", torch.device("cpu"))[0] == "cpu"
+    cpu_ok = CpuBackend.available(torch.device("cpu"))[0]
     return [m for m in METHODS if m != "cpu" or cpu_ok]
 
 
@@ -146,7 +148,7 @@ def _memory_probe(config: str, method: str):
     for _ in range(3):
         runner.step()
     peak = status("VmHWM:")
-    per_model = (peak - before) / c["M"] - 3 * 4 * pr.model.n_params
+    per_model = (peak - before) / c["M"] - 3 * 4 * ParamLayout.from_config(pr.model).P
     print(per_model / 2**20)
 
 

@@ -24,9 +24,9 @@ import torch
 
 from fastgrok import __version__
 from fastgrok.config import RunSpec, get_preset
-from fastgrok.engine import Population
+from fastgrok.kernels.layout import PRECISIONS, Layout
+from fastgrok.population import Population
 from fastgrok.tasks import Task
-from kernels.layout import PRECISIONS, Layout
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from roofline import GPUS, model_step  # noqa: E402  (a sibling script, not a package)
@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         print("SKIP: no CUDA GPU visible to torch (torch.cuda.is_available() is False); nothing was measured. "
               "Run this script on a machine with an NVIDIA GPU.")
         return 0
-    from fastgrok import triton_engine
+    from fastgrok.backends.triton_engine import TritonBackend
 
-    ok, reason = triton_engine.available("cuda")
+    ok, reason = TritonBackend.available(torch.device("cuda"))
     if not ok:
         print(f"SKIP: the Triton backend is unavailable ({reason}); nothing was measured.")
         return 0
@@ -102,10 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     record("batched torch engine", time_steps(batched.step, args.steps, args.repeats), "ieee")
     baseline = results[-1]["p50_ms"]
     for precision in args.precision:
-        pop = Population(task, preset.model, runs, preset.optim, device="cuda", backend="torch")
-        triton_engine.configure(pop, precision=precision, block_n=args.block_n, cuda_graph=args.cuda_graph)
-        time_steps(lambda: triton_engine.step(pop), 3, 1)  # compile, capture
-        record("fused triton", time_steps(lambda: triton_engine.step(pop), args.steps, args.repeats), precision)
+        backend = TritonBackend(precision=precision, block_n=args.block_n, cuda_graph=args.cuda_graph)
+        pop = Population(task, preset.model, runs, preset.optim, device="cuda", backend=backend)
+        time_steps(pop.step, 3, 1)  # compile, capture
+        record("fused triton", time_steps(pop.step, args.steps, args.repeats), precision)
         print(f"{'':<22} {'':>7} speed-up over the batched engine: {baseline / results[-1]['p50_ms']:.2f}x")
 
     if args.csv:

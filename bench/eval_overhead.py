@@ -11,7 +11,7 @@ import argparse
 import time
 
 from fastgrok.config import RunSpec, get_preset
-from fastgrok.engine import Population
+from fastgrok.population import Population
 from fastgrok.metrics import Evaluator
 from fastgrok.schedule import EvalSchedule
 from fastgrok.tasks import Task

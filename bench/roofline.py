@@ -12,7 +12,7 @@ each resource a GPU has:
 * L2: what every tile of BLOCK_N examples streams through L2 (the model's
   weights, twice, and its weight-gradient atomics) / an assumed L2 bandwidth.
   The per-tile activations live in a per-program scratch that is assumed to
-  hit in L1/L2 (kernels.examples).
+  hit in L1/L2 (fastgrok.kernels.examples).
 
 The time of a model-step is at least the largest of the three; the sweep
 estimate multiplies it by the number of model-steps. Peaks are never reached
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastgrok.config import ModelConfig, get_preset
-from kernels.layout import PRECISIONS, Layout
+from fastgrok.kernels.layout import PRECISIONS, Layout
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ FP32 = 4
 
 
 def example_flops(L: Layout) -> int:
-    """Matmul FLOPs of one example in kernels.examples, forward and backward."""
+    """Matmul FLOPs of one example in fastgrok.kernels.examples, forward and backward."""
     D, HD, F, V = L.D, L.H * L.Dh, L.F, L.V
     forward = 2 * (HD * D + D * F + F * D + 2 * D * V)       # logits twice: the loss makes two passes
     backward = 2 * (2 * D * V + 4 * D * F + 2 * HD * D)      # dW_U, dresid; dW_out, dpre, dW_in, dresid_mid; dW_O, dz
@@ -107,7 +107,7 @@ def model_step(L: Layout, D: int, block_n: int) -> tuple[float, float, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="paper")
-    parser.add_argument("--block-n", type=int, default=64, help="examples per tile (kernels.examples BLOCK_N)")
+    parser.add_argument("--block-n", type=int, default=64, help="examples per tile (fastgrok.kernels.examples BLOCK_N)")
     parser.add_argument("--l2-tbs", type=float, nargs=2, metavar=("A100", "H100"),
                         help="assumed L2 bandwidths in TB/s (default: %s)" % " ".join(str(g.l2_tbs) for g in GPUS))
     parser.add_argument("--steps", type=float, default=1e7, help="steps per model of the sweep (default 1e7)")

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from fastgrok import store
+from fastgrok.layout import ParamLayout
 from fastgrok.config import RunSpec, get_preset
 from fastgrok.metrics import Evaluation, metric_names
 from fastgrok.schedule import EvalSchedule
@@ -75,7 +76,7 @@ class Case:
     def __init__(self, models: int):
         preset = get_preset("paper")
         self.task, self.model, self.optim = preset.task, preset.model, preset.optim
-        self.M, self.P = models, preset.model.n_params
+        self.M, self.P = models, ParamLayout.from_config(preset.model).P
         self.runs = tuple(RunSpec(train_size=1500 + m % 20 * 25, data_seed=m // 20, init_seed=m // 20)
                           for m in range(models))
         self.schedule = EvalSchedule()

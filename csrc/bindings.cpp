@@ -3,7 +3,9 @@
 // Arrays cross as numpy buffers (torch's .numpy() views are zero-copy). Every
 // array is checked for dtype, C-contiguity, shape and writability here and
 // never converted: a silent conversion would copy, and the engine's writes
-// would be lost.
+// would be lost. The engine's own checks (the layout, the token rows, the
+// training data) throw std::invalid_argument, which pybind11 raises as
+// ValueError.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -51,22 +53,45 @@ T* checked(const py::array& a, const char* name, std::initializer_list<py::ssize
     return static_cast<T*>(const_cast<void*>(a.data()));
 }
 
+std::vector<int64_t> int64_vector(const py::array& a, const char* name) {
+    if (a.ndim() != 1) throw py::value_error(std::string(name) + ": shape " + shape_str(a) + ", expected (count,)");
+    const auto* data = checked<int64_t>(a, name, {a.shape(0)}, false);
+    return std::vector<int64_t>(data, data + a.shape(0));
+}
+
+// The dimensions before anything is sized by them.
+int checked_dims(int n, int d_vocab, int d_model, int n_heads, int d_head, int d_mlp, int n_ctx) {
+    for (auto [name, value] : {std::pair{"n", n}, std::pair{"d_vocab", d_vocab}, std::pair{"d_model", d_model},
+                               std::pair{"n_heads", n_heads}, std::pair{"d_head", d_head}, std::pair{"d_mlp", d_mlp},
+                               std::pair{"n_ctx", n_ctx}})
+        if (value < 1) throw py::value_error(std::string(name) + "=" + std::to_string(value) + ": must be >= 1");
+    if (d_vocab != n + 2)
+        throw py::value_error("d_vocab=" + std::to_string(d_vocab) + ": must be n + 2 = " + std::to_string(n + 2) +
+                              " (the n elements, the operator and =)");
+    return n;
+}
+
 class PyEngine {
   public:
-    PyEngine(int n, int d_vocab, int d_model, int n_heads, int d_head, int d_mlp, const py::array& x,
-             const py::array& y, const py::array& labels, const py::array& train_size)
-        : shape_{n, d_vocab, d_model, n_heads, d_head, d_mlp}, layout_(check_shape(shape_)) {
+    // The dimensions, fastgrok.layout's ParamLayout (param_offsets: the offsets
+    // in PARAM_NAMES order, then P) and TokenRows (row_token, row_pos, op_row,
+    // first_y_row, eq_row), and every model's training data.
+    PyEngine(int n, int d_vocab, int d_model, int n_heads, int d_head, int d_mlp, int n_ctx,
+             const py::array& param_offsets, const py::array& row_token, const py::array& row_pos, int op_row,
+             int first_y_row, int eq_row, const py::array& x, const py::array& y, const py::array& labels,
+             const py::array& train_size)
+        : shape_(checked_dims(n, d_vocab, d_model, n_heads, d_head, d_mlp, n_ctx), d_vocab, d_model, n_heads, d_head,
+                 d_mlp, n_ctx,
+                 fastgrok::TokenRows(n, d_vocab, n_ctx, int64_vector(row_token, "row_token"),
+                                     int64_vector(row_pos, "row_pos"), op_row, first_y_row, eq_row)),
+          layout_(shape_, int64_vector(param_offsets, "param_offsets")) {
         if (x.ndim() != 2) throw py::value_error("x: shape " + shape_str(x) + ", expected (M, N)");
         const py::ssize_t M = x.shape(0), N = x.shape(1);
         const auto* xs = checked<int64_t>(x, "x", {M, N}, false);
         const auto* ys = checked<int64_t>(y, "y", {M, N}, false);
         const auto* ls = checked<int64_t>(labels, "labels", {M, N}, false);
         const auto* ts = checked<int64_t>(train_size, "train_size", {M}, false);
-        try {
-            data_ = std::make_unique<fastgrok::TrainingSet>(shape_, int(M), int(N), xs, ys, ls, ts);
-        } catch (const std::invalid_argument& exc) {
-            throw py::value_error(exc.what());
-        }
+        data_ = std::make_unique<fastgrok::TrainingSet>(shape_, int(M), int(N), xs, ys, ls, ts);
     }
 
     py::tuple step(const py::array& params, const py::array& grads, const py::array& exp_avg,
@@ -86,26 +111,12 @@ class PyEngine {
         return eval_logits<float>(f32_, params, models, x, y, n_threads);
     }
 
-    std::size_t scratch_bytes() const {
-        return (f32_ ? f32_->scratch_bytes() : 0) + (f64_ ? f64_->scratch_bytes() : 0);
-    }
-    std::size_t n_params() const { return layout_.P; }
-
   private:
     ModelShape shape_;
     fastgrok::ParamLayout layout_;
     std::unique_ptr<fastgrok::TrainingSet> data_;
     std::unique_ptr<Engine<float>> f32_;
     std::unique_ptr<Engine<double>> f64_;
-
-    static const ModelShape& check_shape(const ModelShape& s) {
-        for (auto [name, value] : {std::pair{"n", s.n}, std::pair{"d_vocab", s.V}, std::pair{"d_model", s.D},
-                                   std::pair{"n_heads", s.H}, std::pair{"d_head", s.Dh}, std::pair{"d_mlp", s.F}})
-            if (value < 1) throw py::value_error(std::string(name) + "=" + std::to_string(value) + ": must be >= 1");
-        if (s.V != s.n + 2)
-            throw py::value_error("d_vocab=" + std::to_string(s.V) + ": must be n + 2 = " + std::to_string(s.n + 2));
-        return s;
-    }
 
     template <typename Real>
     py::array eval_logits(std::unique_ptr<Engine<Real>>& engine, const py::array& params, const py::array& models,
@@ -132,7 +143,7 @@ class PyEngine {
             y32[i] = int32_t(ys[i]);
         }
         if (n_threads < 1) throw py::value_error("n_threads=" + std::to_string(n_threads) + ": must be >= 1");
-        if (!engine) engine = std::make_unique<Engine<Real>>(shape_, *data_);
+        if (!engine) engine = std::make_unique<Engine<Real>>(shape_, layout_, *data_);
         py::array_t<Real> out({K, N, py::ssize_t(shape_.V)});
         {
             py::gil_scoped_release release;
@@ -167,7 +178,7 @@ class PyEngine {
             args.eps = eps;
         }
         if (n_threads < 1) throw py::value_error("n_threads=" + std::to_string(n_threads) + ": must be >= 1");
-        if (!engine) engine = std::make_unique<Engine<Real>>(shape_, *data_);
+        if (!engine) engine = std::make_unique<Engine<Real>>(shape_, layout_, *data_);
         py::array_t<double> loss(M);
         py::array_t<bool> finite(M);
         fastgrok::StepOutput out{loss.mutable_data(), reinterpret_cast<uint8_t*>(finite.mutable_data())};
@@ -184,10 +195,16 @@ class PyEngine {
 PYBIND11_MODULE(_cpu_engine, mod) {
     mod.doc() = "Fused C++ CPU training step for fastgrok populations (see csrc/engine.cpp).";
     py::class_<PyEngine>(mod, "Engine")
-        .def(py::init<int, int, int, int, int, int, const py::array&, const py::array&, const py::array&,
-                      const py::array&>(),
-             py::arg("n"), py::arg("d_vocab"), py::arg("d_model"), py::arg("n_heads"), py::arg("d_head"),
-             py::arg("d_mlp"), py::arg("x"), py::arg("y"), py::arg("labels"), py::arg("train_size"))
+        .def(py::init<int, int, int, int, int, int, int, const py::array&, const py::array&, const py::array&, int,
+                      int, int, const py::array&, const py::array&, const py::array&, const py::array&>(),
+             py::kw_only(), py::arg("n"), py::arg("d_vocab"), py::arg("d_model"), py::arg("n_heads"),
+             py::arg("d_head"), py::arg("d_mlp"), py::arg("n_ctx"), py::arg("param_offsets"), py::arg("row_token"),
+             py::arg("row_pos"), py::arg("op_row"), py::arg("first_y_row"), py::arg("eq_row"), py::arg("x"),
+             py::arg("y"), py::arg("labels"), py::arg("train_size"),
+             "The engine of one population: its dimensions, fastgrok.layout's parameter offsets (int64 (12,): "
+             "W_E..W_U in PARAM_NAMES order, then P) and token rows (row_token, row_pos int64 (R,), op_row, "
+             "first_y_row, eq_row), checked against the structure the engine relies on (ValueError naming the "
+             "value), and every model's training data x, y, labels (M, N) int64 with train_size (M,).")
         .def("step", &PyEngine::step, py::arg("params"), py::arg("grads"), py::arg("exp_avg"),
              py::arg("exp_avg_sq"), py::arg("lr"), py::arg("weight_decay"), py::arg("frozen"), py::arg("step"),
              py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("n_threads"),
@@ -197,9 +214,7 @@ PYBIND11_MODULE(_cpu_engine, mod) {
         .def("logits", &PyEngine::logits, py::arg("params"), py::arg("models"), py::arg("x"), py::arg("y"),
              py::arg("n_threads"),
              "Last-position logits (K, N, V) of models (K,) on the examples x, y (N,), in the dtype of params; "
-             "a model's logits do not depend on n_threads or on the other models listed.")
-        .def_property_readonly("scratch_bytes", &PyEngine::scratch_bytes)
-        .def_property_readonly("n_params", &PyEngine::n_params);
+             "a model's logits do not depend on n_threads or on the other models listed.");
     mod.def("build_info", []() {
         py::dict info;
         info["flags"] = FASTGROK_BUILD_FLAGS;

@@ -1,8 +1,10 @@
 // The fused CPU engine: one training step of a population, model by model.
 //
-// Algorithm (notation of fastgrok/engine.py; t indexes the 4 positions, r_t
-// the token row an example reads there, a[t, h] its attention weights at the
-// last position, c = W_E[=] + W_pos[3]).
+// Algorithm (notation of fastgrok/backends/torch_engine.py; t indexes the T = 4
+// positions, r_t the token row an example reads there, a[t, h] its attention
+// weights at the last position, c = W_E[=] + W_pos[3], the = row's residual).
+// The rows and the parameter offsets are fastgrok/layout.py's, received
+// through the constructor (engine.hpp says what is checked).
 //
 // The MLP input and the logits are linear in the attention weights:
 //   pre    = c @ W_in + b_in    + sum_{t,h} a[t,h] U[r_t, h]
@@ -22,7 +24,7 @@
 // and per step the chain rule back through the table products to W_O, W_in,
 // W_out, W_U, V_tab, then the key/value/query tables as in the batched engine.
 //
-// The rows of positions 1 and 3 (operator, =) are the same for every example,
+// The operator and = rows (positions 1 and 3) are the same for every example,
 // so their share of the sums above is a GEMM per tile of examples; only the
 // x and y rows (2H per example) are gathered, dotted and scattered one by one.
 //
@@ -31,33 +33,35 @@
 // engine: 3*(H*Dh*D + 2*D*F + D*V) = 0.49 M); per model and step 0.13 G for
 // the tables (R*H*Dh*(F + V) products three times, H*Dh*D*(F + V) three
 // times, F*D*V three times, the key/value tables), counted exactly by
-// fastgrok.cpu_engine.flops_per_model_step. At D = 2000 a model-step is
-// 1.09 GFLOP against the batched engine's 1.99.
+// fastgrok.backends.cpu_engine.CpuBackend.flops_per_model_step. At
+// n_train = 2000 a model-step is 1.09 GFLOP against the batched engine's 1.99.
 //
 // Memory and locality. Examples are sorted by (x, y) and walked in blocks of
-// X_BLOCK x values. The x rows of U, UU (and their gradients) exist only for
-// the current block, in L1/L2-sized buffers: they are built from V_tab when the
-// block starts and turned into gradients of V_tab and W_OI/W_OUh when it ends.
-// The other rows (operator, y, =) are whole tables. Within a block, tiles of
-// TILE examples keep hidden, dhidden and logits (216 KB at the paper config)
-// in L2 next to W_OU. The tables only needed by the examples share memory with
-// the intermediate gradients of the per-step backward. At the paper config a
+// X_BLOCK x values (Engine::examples: block_tables, then per tile
+// tile_forward, tile_loss and tile_backward, then block_gradients). The x
+// rows of U, UU (and their gradients) exist only for the current block, in
+// L1/L2-sized buffers: they are built from V_tab when the block starts and
+// turned into gradients of V_tab and W_OI/W_OUh when it ends. The other rows
+// (operator, y, =) are whole tables. Within a block, tiles of TILE examples
+// keep hidden, dhidden and logits (216 KB at the paper config) in L2 next to
+// W_OU. The tables only needed by the examples share memory with the
+// intermediate gradients of the per-step backward. At the paper config a
 // thread's workspace is ~4.6 MB, so with M = 8 models on 2 threads the
 // scratch adds ~1.2 MB per model to the 3.6 MB of parameters, gradients and
 // moments.
 //
-// Threads and reproducibility: a model's x blocks are cut into MODEL_SHARDS
-// shards at fixed boundaries; each shard's example sums start from zero and
-// the shards are added in order. With M >= threads every thread steps whole
-// models, one at a time, with its own workspace, so a model's tables stay in
-// that core's caches from the forward to AdamW; with fewer models than threads
-// the shards of all models are shared out. Either way the same sums are formed
-// in the same order, so a model's result depends neither on the thread count
-// nor on its batch-mates (the cost: one extra accumulator pass per shard,
-// ~2% of a paper-config step).
+// Threads and reproducibility: each model's step is computed by one thread,
+// from its tables to AdamW, with its own workspace, so a model's tables stay
+// in that core's caches and its sums are formed in one order whatever the
+// thread count or the other models: threads only decide which models run at
+// the same time, and a population uses at most M of them. (Splitting a model's
+// examples over threads at fixed boundaries keeps that too, but the extra
+// accumulator pass cost 2-3% of every step, measured, for the sake of
+// populations smaller than the core count.)
 #include "engine.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <new>
@@ -142,11 +146,6 @@ struct ParamPtrs {
           W_out(base + L.W_out), b_out(base + L.b_out), W_U(base + L.W_U) {}
 };
 
-// Row r of the token table: element r at position 0 (r < n), the operator at
-// position 1 (r = n), element r - n - 1 at position 2, = at position 3.
-inline int row_token(int r, int n) { return r < n ? r : (r == n ? n : (r <= 2 * n ? r - n - 1 : n + 1)); }
-inline int row_pos(int r, int n) { return r < n ? 0 : (r == n ? 1 : (r <= 2 * n ? 2 : 3)); }
-
 template <typename Real>
 struct Padded {
     int Fp, Vp;
@@ -156,22 +155,114 @@ struct Padded {
 
 }  // namespace
 
-ParamLayout::ParamLayout(const ModelShape& s) {
-    const std::size_t V = s.V, D = s.D, H = s.H, Dh = s.Dh, F = s.F, T = 4;
-    std::size_t at = 0;
-    auto take = [&at](std::size_t count) { std::size_t start = at; at += count; return start; };
-    W_E = take(V * D);
-    W_pos = take(T * D);
-    W_Q = take(H * D * Dh);
-    W_K = take(H * D * Dh);
-    W_V = take(H * D * Dh);
-    W_O = take(H * Dh * D);
-    W_in = take(D * F);
-    b_in = take(F);
-    W_out = take(F * D);
-    b_out = take(D);
-    W_U = take(D * V);
-    P = at;
+namespace {
+
+std::string str(int64_t v) { return std::to_string(v); }
+
+[[noreturn]] void bad(const std::string& message) { throw std::invalid_argument(message); }
+
+}  // namespace
+
+TokenRows::TokenRows(int n, int d_vocab, int n_ctx, std::vector<int64_t> token_, std::vector<int64_t> pos_,
+                     int op_row_, int first_y_row_, int eq_row_)
+    : op_row(op_row_), first_y_row(first_y_row_), eq_row(eq_row_) {
+    const int64_t R = int64_t(token_.size());
+    if (int64_t(pos_.size()) != R)
+        bad("row_pos: " + str(int64_t(pos_.size())) + " rows, row_token has " + str(R));
+    for (int64_t r = 0; r < R; ++r) {
+        if (token_[r] < 0 || token_[r] >= d_vocab)
+            bad("row_token[" + str(r) + "]=" + str(token_[r]) + ": tokens are 0.." + str(d_vocab - 1));
+        if (pos_[r] < 0 || pos_[r] >= n_ctx)
+            bad("row_pos[" + str(r) + "]=" + str(pos_[r]) + ": positions are 0.." + str(n_ctx - 1) + " (n_ctx=" +
+                str(n_ctx) + ")");
+    }
+    // The order the algorithm relies on (engine.hpp).
+    if (op_row != n)
+        bad("op_row=" + str(op_row) + ": the n=" + str(n) + " x rows come first, so the operator row must be " +
+            str(n));
+    if (first_y_row != op_row + 1)
+        bad("first_y_row=" + str(first_y_row) + ": the y rows must follow the operator row, at " + str(op_row + 1));
+    if (eq_row != first_y_row + n)
+        bad("eq_row=" + str(eq_row) + ": the = row must follow the n=" + str(n) + " y rows, at " +
+            str(first_y_row + n));
+    if (R != int64_t(eq_row) + 1)
+        bad("row_token: " + str(R) + " rows; the = row " + str(eq_row) + " must be the last, so R=" +
+            str(int64_t(eq_row) + 1));
+    for (int x = 0; x < n; ++x)
+        if (token_[x] != x)
+            bad("row_token[" + str(x) + "]=" + str(token_[x]) + ": x row " + str(x) + " must hold element " + str(x));
+    for (int y = 0; y < n; ++y)
+        if (token_[first_y_row + y] != y)
+            bad("row_token[" + str(first_y_row + y) + "]=" + str(token_[first_y_row + y]) + ": y row " +
+                str(first_y_row + y) + " must hold element " + str(y));
+    for (int r = 1; r < n; ++r)
+        if (pos_[r] != pos_[0])
+            bad("row_pos[" + str(r) + "]=" + str(pos_[r]) + ": every x row must be at the x position row_pos[0]=" +
+                str(pos_[0]));
+    for (int r = first_y_row + 1; r < eq_row; ++r)
+        if (pos_[r] != pos_[first_y_row])
+            bad("row_pos[" + str(r) + "]=" + str(pos_[r]) + ": every y row must be at the y position row_pos[" +
+                str(first_y_row) + "]=" + str(pos_[first_y_row]));
+    pos_x = int(pos_[0]), pos_op = int(pos_[op_row]), pos_y = int(pos_[first_y_row]), pos_eq = int(pos_[eq_row]);
+    // A sequence is <x> <op> <y> <=>: each position holds exactly one kind of row.
+    if (n_ctx != 4) bad("n_ctx=" + str(n_ctx) + ": a sequence <x> <op> <y> <=> has 4 positions");
+    if (pos_eq != n_ctx - 1)
+        bad("row_pos[" + str(eq_row) + "]=" + str(pos_eq) + ": the = row must be at the last position, " +
+            str(n_ctx - 1) + ", where the loss is read");
+    const int kinds[] = {pos_x, pos_op, pos_y};
+    const int rows_of_kind[] = {0, op_row, first_y_row};
+    for (int i = 0; i < 3; ++i)
+        for (int j = 0; j < i; ++j)
+            if (kinds[i] == kinds[j])
+                bad("row_pos[" + str(rows_of_kind[i]) + "]=" + str(kinds[i]) + ": the x, operator and y rows " +
+                    "need distinct positions; row " + str(rows_of_kind[j]) + " is there already");
+    token.assign(token_.begin(), token_.end());
+    pos.assign(pos_.begin(), pos_.end());
+}
+
+ModelShape::ModelShape(int n_, int d_vocab, int d_model, int n_heads, int d_head, int d_mlp, int n_ctx,
+                       TokenRows rows_)
+    : n(n_), V(d_vocab), D(d_model), H(n_heads), Dh(d_head), F(d_mlp), T(n_ctx), rows(std::move(rows_)) {}
+
+ParamLayout::ParamLayout(const ModelShape& s, const std::vector<int64_t>& offsets) {
+    static const char* const names[COUNT + 1] = {"W_E", "W_pos", "W_Q",  "W_K",   "W_V",   "W_O",
+                                                 "W_in", "b_in", "W_out", "b_out", "W_U", "P"};
+    const int64_t V = s.V, D = s.D, H = s.H, Dh = s.Dh, F = s.F, T = s.T;
+    struct Shape {
+        const char* dims;
+        std::vector<int64_t> extents;
+    };
+    const Shape shapes[COUNT] = {{"(V, D)", {V, D}},       {"(T, D)", {T, D}},       {"(H, D, Dh)", {H, D, Dh}},
+                                 {"(H, D, Dh)", {H, D, Dh}}, {"(H, D, Dh)", {H, D, Dh}}, {"(H, Dh, D)", {H, Dh, D}},
+                                 {"(D, F)", {D, F}},       {"(F,)", {F}},            {"(F, D)", {F, D}},
+                                 {"(D,)", {D}},            {"(D, V)", {D, V}}};
+    if (offsets.size() != std::size_t(COUNT + 1))
+        bad("param_offsets: " + str(int64_t(offsets.size())) + " values; expected " + str(COUNT + 1) +
+            " (the offsets of W_E..W_U in PARAM_NAMES order, then P)");
+    std::size_t* fields[COUNT + 1] = {&W_E, &W_pos, &W_Q, &W_K, &W_V, &W_O, &W_in, &b_in, &W_out, &b_out, &W_U, &P};
+    int64_t expected = 0;
+    for (int i = 0; i <= COUNT; ++i) {
+        if (offsets[i] != expected) {
+            std::string why = "the row starts with W_E";
+            if (i > 0) {
+                const Shape& prev = shapes[i - 1];
+                std::string extents;
+                for (std::size_t k = 0; k < prev.extents.size(); ++k)
+                    extents += (k ? ", " : "") + str(prev.extents[k]);
+                why = std::string(names[i - 1]) + " " + prev.dims + " = (" + extents +
+                      (prev.extents.size() == 1 ? ",)" : ")") + " spans " + str(offsets[i - 1]) + ".." +
+                      str(expected);
+            }
+            bad("param_offsets[" + str(i) + "] (" + names[i] + ")=" + str(offsets[i]) + ": expected " +
+                str(expected) + ", " + why);
+        }
+        *fields[i] = std::size_t(expected);
+        if (i < COUNT) {
+            int64_t size = 1;
+            for (int64_t e : shapes[i].extents) size *= e;
+            expected += size;
+        }
+    }
 }
 
 TrainingSet::TrainingSet(const ModelShape& shape, int M_, int N, const int64_t* xs, const int64_t* ys,
@@ -180,21 +271,21 @@ TrainingSet::TrainingSet(const ModelShape& shape, int M_, int N, const int64_t* 
     const int n = shape.n;
     const int blocks = (n + X_BLOCK - 1) / X_BLOCK;
     for (int m = 0; m < M; ++m) {
-        const int64_t D = train_size[m];
-        if (D < 1 || D > N)
-            throw std::invalid_argument("train_size[" + std::to_string(m) + "]=" + std::to_string(D) +
+        const int64_t n_train = train_size[m];
+        if (n_train < 1 || n_train > N)
+            throw std::invalid_argument("train_size[" + std::to_string(m) + "]=" + std::to_string(n_train) +
                                         ": must be in 1.." + std::to_string(N));
         const int64_t* xm = xs + std::size_t(m) * N;
         const int64_t* ym = ys + std::size_t(m) * N;
         const int64_t* lm = ls + std::size_t(m) * N;
-        for (int64_t i = 0; i < D; ++i)
+        for (int64_t i = 0; i < n_train; ++i)
             if (xm[i] < 0 || xm[i] >= n || ym[i] < 0 || ym[i] >= n || lm[i] < 0 || lm[i] >= shape.V)
                 throw std::invalid_argument(
                     "model " + std::to_string(m) + " example " + std::to_string(i) + ": (x, y, label) = (" +
                     std::to_string(xm[i]) + ", " + std::to_string(ym[i]) + ", " + std::to_string(lm[i]) +
                     "); valid: x, y in 0.." + std::to_string(n - 1) + ", label in 0.." +
                     std::to_string(shape.V - 1));
-        std::vector<int64_t> order(D);
+        std::vector<int64_t> order(n_train);
         std::iota(order.begin(), order.end(), 0);
         std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) {
             return xm[i] != xm[j] ? xm[i] < xm[j] : ym[i] < ym[j];
@@ -204,9 +295,9 @@ TrainingSet::TrainingSet(const ModelShape& shape, int M_, int N, const int64_t* 
             y[m].push_back(int32_t(ym[i]));
             labels[m].push_back(int32_t(lm[i]));
         }
-        block_start[m].assign(blocks + 1, int(D));
+        block_start[m].assign(blocks + 1, int(n_train));
         for (int b = 0, i = 0; b < blocks; ++b) {
-            while (i < D && x[m][i] < b * X_BLOCK) ++i;
+            while (i < n_train && x[m][i] < b * X_BLOCK) ++i;
             block_start[m][b] = i;
         }
     }
@@ -227,8 +318,8 @@ struct Workspace {
     Buffer<Real> arena;
     Real *W_OU;        // (Fp, Vp) W_out @ W_U
     Real *W_OU_T;      // (Vp, Fp)
-    Real *U_rest;      // (n + 2, H, Fp) rows of U other than x: operator, y, =
-    Real *UU_rest;     // (n + 2, H, Vp)
+    Real *U_rest;      // (R - op_row, H, Fp) rows of U other than x: operator, y, =
+    Real *UU_rest;     // (R - op_row, H, Vp)
     Real *base_pre;    // (Fp) c @ W_in + b_in
     Real *base_logit;  // (Vp) (c + b_out) @ W_U
     Real *dK;          // (R, H*Dh)   backward only
@@ -236,52 +327,46 @@ struct Workspace {
     Real *dq, *dc;     // (H*Dh), (D) backward only
     Real *small_T;     // (max(D, V) * max(D, Dh)) transposed copies, backward only
 
+    // Where each arena table starts: the examples' tables and the backward's
+    // from 0 each, so the arena is as large as the larger of the two.
+    struct ArenaPlan {
+        std::size_t W_OU, W_OU_T, U_rest, UU_rest, base_pre, base_logit;
+        std::size_t dK, dR, dq, dc, small_T;
+        std::size_t size;
+    };
+
+    static ArenaPlan plan(const ModelShape& s) {
+        const Padded<Real> pd(s);
+        const std::size_t R = s.R(), rest = s.rows.rest(), H = s.H, Fp = pd.Fp, Vp = pd.Vp, D = s.D,
+                          HDh = s.HDh();
+        Carver ex, bw;
+        ArenaPlan a{};
+        a.W_OU = ex.take<Real>(Fp * Vp), a.W_OU_T = ex.take<Real>(Fp * Vp);
+        a.U_rest = ex.take<Real>(rest * H * Fp), a.UU_rest = ex.take<Real>(rest * H * Vp);
+        a.base_pre = ex.take<Real>(Fp), a.base_logit = ex.take<Real>(Vp);
+        a.dK = bw.take<Real>(R * HDh), a.dR = bw.take<Real>(R * D), a.dq = bw.take<Real>(HDh);
+        a.dc = bw.take<Real>(D), a.small_T = bw.take<Real>(std::size_t(std::max(s.D, s.V)) * std::max(s.D, s.Dh));
+        a.size = std::max(ex.used(), bw.used());
+        return a;
+    }
+
     explicit Workspace(const ModelShape& s)
         : R_tab(std::size_t(s.R()) * s.D), K(std::size_t(s.R()) * s.HDh()), Vt(std::size_t(s.R()) * s.HDh()),
           q(s.HDh()), S(std::size_t(s.R()) * s.H), W_OI(std::size_t(s.HDh()) * Padded<Real>(s).Fp),
-          W_OUh(std::size_t(s.HDh()) * Padded<Real>(s).Vp), c_bout(s.D), arena(arena_size(s)) {
-        const Padded<Real> pd(s);
-        const std::size_t R = s.R(), H = s.H, Fp = pd.Fp, Vp = pd.Vp, D = s.D, HDh = s.HDh();
-        Carver ex, bw;
-        const std::size_t o_W_OU = ex.take<Real>(Fp * Vp), o_W_OU_T = ex.take<Real>(Fp * Vp),
-                          o_U = ex.take<Real>((s.n + 2) * H * Fp), o_UU = ex.take<Real>((s.n + 2) * H * Vp),
-                          o_bp = ex.take<Real>(Fp), o_bl = ex.take<Real>(Vp);
-        const std::size_t o_dK = bw.take<Real>(R * HDh), o_dR = bw.take<Real>(R * D),
-                          o_dq = bw.take<Real>(HDh), o_dc = bw.take<Real>(D),
-                          o_T = bw.take<Real>(small_T_size(s));
+          W_OUh(std::size_t(s.HDh()) * Padded<Real>(s).Vp), c_bout(s.D), arena(plan(s).size) {
+        const ArenaPlan a = plan(s);
         Real* base = arena.data();
-        W_OU = base + o_W_OU, W_OU_T = base + o_W_OU_T, U_rest = base + o_U, UU_rest = base + o_UU;
-        base_pre = base + o_bp, base_logit = base + o_bl;
-        dK = base + o_dK, dR = base + o_dR, dq = base + o_dq, dc = base + o_dc, small_T = base + o_T;
-    }
-
-    static std::size_t small_T_size(const ModelShape& s) {
-        return std::size_t(std::max(s.D, s.V)) * std::max(s.D, s.Dh);
-    }
-
-    static std::size_t arena_size(const ModelShape& s) {
-        const Padded<Real> pd(s);
-        const std::size_t R = s.R(), H = s.H, Fp = pd.Fp, Vp = pd.Vp, D = s.D, HDh = s.HDh();
-        Carver ex, bw;
-        ex.take<Real>(Fp * Vp), ex.take<Real>(Fp * Vp), ex.take<Real>((s.n + 2) * H * Fp);
-        ex.take<Real>((s.n + 2) * H * Vp), ex.take<Real>(Fp), ex.take<Real>(Vp);
-        bw.take<Real>(R * HDh), bw.take<Real>(R * D), bw.take<Real>(HDh), bw.take<Real>(D);
-        bw.take<Real>(small_T_size(s));
-        return std::max(ex.used(), bw.used());
-    }
-
-    std::size_t bytes() const {
-        std::size_t count = 0;
-        for (const Buffer<Real>* b : {&R_tab, &K, &Vt, &q, &S, &W_OI, &W_OUh, &c_bout, &arena}) count += b->size();
-        return count * sizeof(Real);
+        W_OU = base + a.W_OU, W_OU_T = base + a.W_OU_T, U_rest = base + a.U_rest, UU_rest = base + a.UU_rest;
+        base_pre = base + a.base_pre, base_logit = base + a.base_logit;
+        dK = base + a.dK, dR = base + a.dR, dq = base + a.dq, dc = base + a.dc, small_T = base + a.small_T;
     }
 };
 
 // Gradients w.r.t. the per-step tables, summed over a range of examples.
 template <typename Real>
 struct ExampleGrads {
-    Buffer<Real> dU_rest;      // (n + 2, H, Fp)
-    Buffer<Real> dUU_rest;     // (n + 2, H, Vp)
+    Buffer<Real> dU_rest;      // (R - op_row, H, Fp)
+    Buffer<Real> dUU_rest;     // (R - op_row, H, Vp)
     Buffer<Real> dW_OU;        // (Fp, Vp)
     Buffer<Real> dW_OI;        // (H, Dh, Fp) from the x rows so far
     Buffer<Real> dW_OUh;       // (H, Dh, Vp) from the x rows so far
@@ -292,8 +377,8 @@ struct ExampleGrads {
     double loss = 0.0;         // sum of weighted example losses
 
     explicit ExampleGrads(const ModelShape& s)
-        : dU_rest(std::size_t(s.n + 2) * s.H * Padded<Real>(s).Fp),
-          dUU_rest(std::size_t(s.n + 2) * s.H * Padded<Real>(s).Vp),
+        : dU_rest(std::size_t(s.rows.rest()) * s.H * Padded<Real>(s).Fp),
+          dUU_rest(std::size_t(s.rows.rest()) * s.H * Padded<Real>(s).Vp),
           dW_OU(std::size_t(Padded<Real>(s).Fp) * Padded<Real>(s).Vp),
           dW_OI(std::size_t(s.HDh()) * Padded<Real>(s).Fp), dW_OUh(std::size_t(s.HDh()) * Padded<Real>(s).Vp),
           dVt(std::size_t(s.R()) * s.HDh()), dS(std::size_t(s.R()) * s.H), dbase_pre(Padded<Real>(s).Fp),
@@ -307,46 +392,25 @@ struct ExampleGrads {
         for (Buffer<Real>* b : buffers()) b->zero();
         loss = 0.0;
     }
-
-    void add(ExampleGrads& other) {
-        auto mine = buffers(), theirs = other.buffers();
-        for (std::size_t k = 0; k < mine.size(); ++k) {
-            Real* d = mine[k]->data();
-            const Real* s = theirs[k]->data();
-            for (std::size_t i = 0; i < mine[k]->size(); ++i) d[i] += s[i];
-        }
-        loss += other.loss;
-    }
-
-    std::size_t bytes() {
-        std::size_t count = 0;
-        for (Buffer<Real>* b : buffers()) count += b->size();
-        return count * sizeof(Real);
-    }
 };
 
 // Activations of one tile of examples and the x rows of the current block.
 template <typename Real>
 struct TileScratch {
-    Buffer<Real> a;        // (TILE, 4H) attention weights, index t * H + h
-    Buffer<Real> hidden;   // (TILE, Fp) relu(pre); hidden > 0 is the relu mask
-    Buffer<Real> logits;   // (TILE, Vp) logits, then dlogits in place
-    Buffer<Real> dhidden;  // (TILE, Fp)
-    Buffer<Real> da;       // (TILE, 4H) gradients w.r.t. a
+    std::vector<int> rows;  // (TILE, T) the token row each example reads at each position
+    Buffer<Real> a;         // (TILE, T*H) attention weights, index t * H + h
+    Buffer<Real> hidden;    // (TILE, Fp) relu(pre); hidden > 0 is the relu mask
+    Buffer<Real> logits;    // (TILE, Vp) logits, then dlogits in place
+    Buffer<Real> dhidden;   // (TILE, Fp)
+    Buffer<Real> da;        // (TILE, T*H) gradients w.r.t. a
     Buffer<Real> U_x, dU_x;    // (X_BLOCK, H, Fp)
     Buffer<Real> UU_x, dUU_x;  // (X_BLOCK, H, Vp)
 
     explicit TileScratch(const ModelShape& s)
-        : a(TILE * s.J()), hidden(TILE * Padded<Real>(s).Fp), logits(TILE * Padded<Real>(s).Vp),
-          dhidden(TILE * Padded<Real>(s).Fp), da(TILE * s.J()), U_x(X_BLOCK * s.H * Padded<Real>(s).Fp),
-          dU_x(X_BLOCK * s.H * Padded<Real>(s).Fp), UU_x(X_BLOCK * s.H * Padded<Real>(s).Vp),
-          dUU_x(X_BLOCK * s.H * Padded<Real>(s).Vp) {}
-
-    std::size_t bytes() const {
-        std::size_t count = 0;
-        for (const Buffer<Real>* b : {&a, &hidden, &logits, &dhidden, &da, &U_x, &dU_x, &UU_x, &dUU_x}) count += b->size();
-        return count * sizeof(Real);
-    }
+        : rows(std::size_t(TILE) * s.T), a(TILE * s.J()), hidden(TILE * Padded<Real>(s).Fp),
+          logits(TILE * Padded<Real>(s).Vp), dhidden(TILE * Padded<Real>(s).Fp), da(TILE * s.J()),
+          U_x(X_BLOCK * s.H * Padded<Real>(s).Fp), dU_x(X_BLOCK * s.H * Padded<Real>(s).Fp),
+          UU_x(X_BLOCK * s.H * Padded<Real>(s).Vp), dUU_x(X_BLOCK * s.H * Padded<Real>(s).Vp) {}
 };
 
 // U and UU of every x row of one model, for evaluation (training keeps one
@@ -357,23 +421,23 @@ struct XRowTables {
     Buffer<Real> UU;  // (n, H, Vp)
     explicit XRowTables(const ModelShape& s)
         : U(std::size_t(s.n) * s.H * Padded<Real>(s).Fp), UU(std::size_t(s.n) * s.H * Padded<Real>(s).Vp) {}
-    std::size_t bytes() const { return (U.size() + UU.size()) * sizeof(Real); }
 };
 
 namespace {
 
 template <typename Real>
 void tables_forward(const ModelShape& s, const ParamPtrs<Real>& p, Workspace<Real>& ws) {
-    const int R = s.R(), D = s.D, H = s.H, Dh = s.Dh, HDh = s.HDh(), F = s.F, V = s.V, n = s.n;
+    const TokenRows& rows = s.rows;
+    const int R = s.R(), D = s.D, H = s.H, Dh = s.Dh, HDh = s.HDh(), F = s.F, V = s.V;
     const Padded<Real> pd(s);
     const int Fp = pd.Fp, Vp = pd.Vp;
     for (int r = 0; r < R; ++r) {
-        const Real* e = p.W_E + std::size_t(row_token(r, n)) * D;
-        const Real* pos = p.W_pos + std::size_t(row_pos(r, n)) * D;
+        const Real* e = p.W_E + std::size_t(rows.token[r]) * D;
+        const Real* pos = p.W_pos + std::size_t(rows.pos[r]) * D;
         Real* out = ws.R_tab.data() + std::size_t(r) * D;
         for (int d = 0; d < D; ++d) out[d] = e[d] + pos[d];
     }
-    const Real* c = ws.R_tab.data() + std::size_t(R - 1) * D;
+    const Real* c = ws.R_tab.data() + std::size_t(rows.eq_row) * D;
     for (int h = 0; h < H; ++h) {
         const std::size_t w = std::size_t(h) * D * Dh;
         gemm(R, Dh, D, ws.R_tab.data(), D, 1, p.W_K + w, Dh, ws.K.data() + h * Dh, HDh, false);
@@ -398,12 +462,12 @@ void tables_forward(const ModelShape& s, const ParamPtrs<Real>& p, Workspace<Rea
         gemm(Dh, F, D, W_O, D, 1, p.W_in, F, ws.W_OI.data() + std::size_t(h) * Dh * Fp, Fp, false);
         gemm(Dh, V, D, W_O, D, 1, p.W_U, V, ws.W_OUh.data() + std::size_t(h) * Dh * Vp, Vp, false);
     }
-    // Rows n.. of V_tab (operator, y, =) into U_rest and UU_rest.
+    // Rows op_row.. of V_tab (operator, y, =) into U_rest and UU_rest.
     for (int h = 0; h < H; ++h) {
-        const Real* Vt = ws.Vt.data() + std::size_t(n) * HDh + h * Dh;
-        gemm(n + 2, Fp, Dh, Vt, HDh, 1, ws.W_OI.data() + std::size_t(h) * Dh * Fp, Fp,
+        const Real* Vt = ws.Vt.data() + std::size_t(rows.op_row) * HDh + h * Dh;
+        gemm(rows.rest(), Fp, Dh, Vt, HDh, 1, ws.W_OI.data() + std::size_t(h) * Dh * Fp, Fp,
              ws.U_rest + std::size_t(h) * Fp, std::ptrdiff_t(H) * Fp, false);
-        gemm(n + 2, Vp, Dh, Vt, HDh, 1, ws.W_OUh.data() + std::size_t(h) * Dh * Vp, Vp,
+        gemm(rows.rest(), Vp, Dh, Vt, HDh, 1, ws.W_OUh.data() + std::size_t(h) * Dh * Vp, Vp,
              ws.UU_rest + std::size_t(h) * Vp, std::ptrdiff_t(H) * Vp, false);
     }
     gemm(F, V, D, p.W_out, D, 1, p.W_U, V, ws.W_OU, Vp, false);
@@ -415,11 +479,12 @@ void tables_forward(const ModelShape& s, const ParamPtrs<Real>& p, Workspace<Rea
     gemm(1, V, D, ws.c_bout.data(), D, 1, p.W_U, V, ws.base_logit, Vp, false);
 }
 
-// out += sum_h a0[h] * rows[h] + a2[h] * rows[H + h] (positions 0 and 2, per
-// head), in place; relu applied if asked. len is a multiple of the lane count.
-// Eight accumulators in flight hide the FMA latency of the 2H-long chains.
+// out += sum_h a_x[h] * rows[h] + a_y[h] * rows[H + h] (the x and y
+// positions, per head), in place; relu applied if asked. len is a multiple of
+// the lane count. Eight accumulators in flight hide the FMA latency of the
+// 2H-long chains.
 template <bool Relu, typename Real>
-void combine_rows(const Real* a0, const Real* a2, int H, const Real* const* rows, Real* out, int len) {
+void combine_rows(const Real* a_x, const Real* a_y, int H, const Real* const* rows, Real* out, int len) {
     using S = Simd<Real>;
     constexpr int L = S::L;
     int f = 0;
@@ -428,23 +493,23 @@ void combine_rows(const Real* a0, const Real* a2, int H, const Real* const* rows
         for (int u = 0; u < 8; ++u) acc[u] = S::load(out + f + u * L);
         for (int j = 0; j < 2 * H; ++j) {
             const Real* row = rows[j] + f;
-            const Real aj = j < H ? a0[j] : a2[j - H];
+            const Real aj = j < H ? a_x[j] : a_y[j - H];
             for (int u = 0; u < 8; ++u) acc[u] += aj * S::load(row + u * L);
         }
         for (int u = 0; u < 8; ++u) S::store(out + f + u * L, Relu ? S::relu(acc[u]) : acc[u]);
     }
     for (; f < len; f += L) {
         auto acc = S::load(out + f);
-        for (int j = 0; j < 2 * H; ++j) acc += (j < H ? a0[j] : a2[j - H]) * S::load(rows[j] + f);
+        for (int j = 0; j < 2 * H; ++j) acc += (j < H ? a_x[j] : a_y[j - H]) * S::load(rows[j] + f);
         S::store(out + f, Relu ? S::relu(acc) : acc);
     }
 }
 
-// For the 2H rows of positions 0 and 2: da0/da2[h] += g . rows[j] and
+// For the 2H rows of the x and y positions: da_x/da_y[h] += g . rows[j] and
 // drows[j] += a * g, in one pass over g.
 template <typename Real>
-void dot_and_scatter(const Real* a0, const Real* a2, int H, const Real* const* rows, Real* const* drows,
-                     const Real* g, int len, Real* da0, Real* da2) {
+void dot_and_scatter(const Real* a_x, const Real* a_y, int H, const Real* const* rows, Real* const* drows,
+                     const Real* g, int len, Real* da_x, Real* da_y) {
     using S = Simd<Real>;
     constexpr int JMAX = 16;  // dot accumulators kept in registers
     typename S::reg dots[JMAX];
@@ -452,7 +517,7 @@ void dot_and_scatter(const Real* a0, const Real* a2, int H, const Real* const* r
     for (int j0 = 0; j0 < J; j0 += JMAX) {
         const int jn = std::min(JMAX, J - j0);
         Real a[JMAX];
-        for (int j = 0; j < jn; ++j) a[j] = j0 + j < H ? a0[j0 + j] : a2[j0 + j - H];
+        for (int j = 0; j < jn; ++j) a[j] = j0 + j < H ? a_x[j0 + j] : a_y[j0 + j - H];
         for (int j = 0; j < jn; ++j) dots[j] = S::zero();
         for (int f = 0; f < len; f += S::L) {
             const auto gf = S::load(g + f);
@@ -464,7 +529,7 @@ void dot_and_scatter(const Real* a0, const Real* a2, int H, const Real* const* r
         }
         for (int j = 0; j < jn; ++j) {
             const int jj = j0 + j;
-            (jj < H ? da0[jj] : da2[jj - H]) += S::hsum(dots[j]);
+            (jj < H ? da_x[jj] : da_y[jj - H]) += S::hsum(dots[j]);
         }
     }
 }
@@ -517,9 +582,9 @@ Real loss_and_dlogits(Real* z, int V, int Vp, int label, Real weight) {
     return loss;
 }
 
-// Where the rows of U and UU for position 0 (the x rows) live: row x of the
-// table is U_x + (x - x0) * H * Fp. Training keeps only the current x block
-// there, evaluation the whole table (x0 = 0).
+// Where the rows of U and UU for the x position live: row x of the table is
+// U_x + (x - x0) * H * Fp. Training keeps only the current x block there,
+// evaluation the whole table (x0 = 0).
 template <typename Real>
 struct XRows {
     const Real* U_x;
@@ -527,53 +592,65 @@ struct XRows {
     int x0;
 };
 
-// The forward pass of `count` examples (xs, ys): their token rows (4 per
-// example) into rows, attention weights a (count, 4H), hidden = relu(pre)
+// A row that every example reads at the same position (the operator, =): its
+// position and its index in the rest tables (U_rest, UU_rest and their
+// gradients), in position order.
+struct ConstRow {
+    int pos;
+    std::size_t rest;
+};
+
+std::array<ConstRow, 2> const_rows(const TokenRows& tr) {
+    return {{{tr.pos_op, 0}, {tr.pos_eq, std::size_t(tr.eq_row - tr.op_row)}}};
+}
+
+// The forward pass of `count` examples (xs, ys): their token rows (T per
+// example) into rows, attention weights a (count, T*H), hidden = relu(pre)
 // (count, Fp) and logits (count, Vp). Each example's values depend only on
 // the example and the tables, never on its place in the tile.
 template <typename Real>
 void tile_forward(const ModelShape& s, const Workspace<Real>& ws, const XRows<Real>& x_rows,
                   const int32_t* xs, const int32_t* ys, int count, int* rows, Real* a_tile, Real* hidden,
                   Real* logits) {
-    const int n = s.n, H = s.H, J = s.J();
+    const TokenRows& tr = s.rows;
+    const int H = s.H, T = s.T, J = s.J();
     const Padded<Real> pd(s);
     const int Fp = pd.Fp, Vp = pd.Vp;
     const std::size_t row_F = std::size_t(H) * Fp, row_V = std::size_t(H) * Vp;
     const Real* Sc = ws.S.data();
     for (int i = 0; i < count; ++i) {
-        int* r = rows + 4 * i;
-        r[0] = xs[i];
-        r[1] = n;
-        r[2] = n + 1 + ys[i];
-        r[3] = 2 * n + 1;
+        int* r = rows + std::size_t(i) * T;
+        r[tr.pos_x] = xs[i];  // the x rows come first: row x is element x
+        r[tr.pos_op] = tr.op_row;
+        r[tr.pos_y] = tr.first_y_row + ys[i];
+        r[tr.pos_eq] = tr.eq_row;
         Real* a = a_tile + std::size_t(i) * J;
-        for (int t = 0; t < 4; ++t)
+        for (int t = 0; t < T; ++t)
             for (int h = 0; h < H; ++h) a[t * H + h] = Sc[r[t] * H + h];
         for (int h = 0; h < H; ++h) {
             Real smax = a[h];
-            for (int t = 1; t < 4; ++t) smax = std::max(smax, a[t * H + h]);
-            for (int t = 0; t < 4; ++t) a[t * H + h] -= smax;
+            for (int t = 1; t < T; ++t) smax = std::max(smax, a[t * H + h]);
+            for (int t = 0; t < T; ++t) a[t * H + h] -= smax;
         }
         exp_inplace(a, J);
         for (int h = 0; h < H; ++h) {
-            const Real sum = a[h] + a[H + h] + a[2 * H + h] + a[3 * H + h];
-            for (int t = 0; t < 4; ++t) a[t * H + h] /= sum;
+            Real sum = a[h];
+            for (int t = 1; t < T; ++t) sum += a[t * H + h];
+            for (int t = 0; t < T; ++t) a[t * H + h] /= sum;
         }
         std::copy(ws.base_pre, ws.base_pre + Fp, hidden + std::size_t(i) * Fp);
         std::copy(ws.base_logit, ws.base_logit + Vp, logits + std::size_t(i) * Vp);
     }
-    // Positions 1 and 3 read the same rows in every example: one GEMM per
+    // The operator and = rows are the same in every example: one GEMM per
     // tile instead of 2H gathered rows per example.
-    const Real* const_U[4] = {nullptr, ws.U_rest, nullptr, ws.U_rest + (n + 1) * row_F};
-    const Real* const_UU[4] = {nullptr, ws.UU_rest, nullptr, ws.UU_rest + (n + 1) * row_V};
-    for (int t : {1, 3}) {
-        gemm(count, Fp, H, a_tile + t * H, J, 1, const_U[t], Fp, hidden, Fp, true);
-        gemm(count, Vp, H, a_tile + t * H, J, 1, const_UU[t], Vp, logits, Vp, true);
+    for (const ConstRow& c : const_rows(tr)) {
+        gemm(count, Fp, H, a_tile + c.pos * H, J, 1, ws.U_rest + c.rest * row_F, Fp, hidden, Fp, true);
+        gemm(count, Vp, H, a_tile + c.pos * H, J, 1, ws.UU_rest + c.rest * row_V, Vp, logits, Vp, true);
     }
     std::vector<const Real*> u_rows(2 * H), uu_rows(2 * H);
     for (int i = 0; i < count; ++i) {
-        const int* r = rows + 4 * i;
-        const std::size_t ix = std::size_t(r[0] - x_rows.x0), iy = std::size_t(r[2] - n);
+        const int* r = rows + std::size_t(i) * T;
+        const std::size_t ix = std::size_t(r[tr.pos_x] - x_rows.x0), iy = std::size_t(r[tr.pos_y] - tr.op_row);
         for (int h = 0; h < H; ++h) {
             u_rows[h] = x_rows.U_x + ix * row_F + h * Fp;
             uu_rows[h] = x_rows.UU_x + ix * row_V + h * Vp;
@@ -581,163 +658,184 @@ void tile_forward(const ModelShape& s, const Workspace<Real>& ws, const XRows<Re
             uu_rows[H + h] = ws.UU_rest + iy * row_V + h * Vp;
         }
         const Real* a = a_tile + std::size_t(i) * J;
-        combine_rows<true>(a, a + 2 * H, H, u_rows.data(), hidden + std::size_t(i) * Fp, Fp);
-        combine_rows<false>(a, a + 2 * H, H, uu_rows.data(), logits + std::size_t(i) * Vp, Vp);
+        combine_rows<true>(a + tr.pos_x * H, a + tr.pos_y * H, H, u_rows.data(), hidden + std::size_t(i) * Fp, Fp);
+        combine_rows<false>(a + tr.pos_x * H, a + tr.pos_y * H, H, uu_rows.data(), logits + std::size_t(i) * Vp, Vp);
     }
     gemm(count, Vp, Fp, hidden, Fp, 1, ws.W_OU, Vp, logits, Vp, true);
 }
 
-// U and UU of every x row (position 0) of one model: (n, H, Fp) and (n, H, Vp).
+// U and UU of the x rows x0..x0+xn-1 of one model: (xn, H, Fp) and (xn, H, Vp).
 template <typename Real>
-void x_row_tables(const ModelShape& s, const Workspace<Real>& ws, Real* U_x, Real* UU_x) {
+void x_row_tables(const ModelShape& s, const Workspace<Real>& ws, int x0, int xn, Real* U_x, Real* UU_x) {
     const int H = s.H, Dh = s.Dh, HDh = s.HDh();
     const Padded<Real> pd(s);
     const int Fp = pd.Fp, Vp = pd.Vp;
+    const Real* Vt_x = ws.Vt.data() + std::size_t(x0) * HDh;
     for (int h = 0; h < H; ++h) {
-        gemm(s.n, Fp, Dh, ws.Vt.data() + h * Dh, HDh, 1, ws.W_OI.data() + std::size_t(h) * Dh * Fp, Fp,
+        gemm(xn, Fp, Dh, Vt_x + h * Dh, HDh, 1, ws.W_OI.data() + std::size_t(h) * Dh * Fp, Fp,
              U_x + std::size_t(h) * Fp, std::ptrdiff_t(H) * Fp, false);
-        gemm(s.n, Vp, Dh, ws.Vt.data() + h * Dh, HDh, 1, ws.W_OUh.data() + std::size_t(h) * Dh * Vp, Vp,
+        gemm(xn, Vp, Dh, Vt_x + h * Dh, HDh, 1, ws.W_OUh.data() + std::size_t(h) * Dh * Vp, Vp,
              UU_x + std::size_t(h) * Vp, std::ptrdiff_t(H) * Vp, false);
+    }
+}
+
+// The phases of Engine::examples, per block of X_BLOCK x values and per tile
+// of TILE examples within it:
+//   block_tables     the block's x rows of U and UU; their gradients zeroed
+//   tile_forward     attention weights, hidden and logits (above)
+//   tile_loss        the loss and dlogits
+//   tile_backward    gradients w.r.t. W_OU, the bases, the rows and the scores
+//   block_gradients  the block's x-row gradients into V_tab, W_OI and W_OUh
+
+template <typename Real>
+void block_tables(const ModelShape& s, const Workspace<Real>& ws, int x0, int xn, TileScratch<Real>& tile) {
+    const Padded<Real> pd(s);
+    const std::size_t row_F = std::size_t(s.H) * pd.Fp, row_V = std::size_t(s.H) * pd.Vp;
+    x_row_tables(s, ws, x0, xn, tile.U_x.data(), tile.UU_x.data());
+    std::fill(tile.dU_x.data(), tile.dU_x.data() + xn * row_F, Real(0));
+    std::fill(tile.dUU_x.data(), tile.dUU_x.data() + xn * row_V, Real(0));
+}
+
+// The weighted loss of `count` examples whose logits are in `logits`
+// (count, Vp), replaced in place by weight * dloss/dlogits.
+template <typename Real>
+double tile_loss(const ModelShape& s, Real* logits, const int32_t* labels, int count, Real weight) {
+    const int Vp = Padded<Real>(s).Vp;
+    double loss = 0.0;
+    for (int i = 0; i < count; ++i)
+        loss += double(weight * loss_and_dlogits(logits + std::size_t(i) * Vp, s.V, Vp, labels[i], weight));
+    return loss;
+}
+
+// The backward pass of a tile after tile_forward and tile_loss (dlogits in
+// tile.logits): W_OU's gradient, dhidden through it, the bases' gradients,
+// the rows' gradients (the rest rows into acc, the block's x rows into the
+// tile's), and the scores' gradients into acc.dS.
+template <typename Real>
+void tile_backward(const ModelShape& s, const Workspace<Real>& ws, int x0, int count, TileScratch<Real>& tile,
+                   ExampleGrads<Real>& acc) {
+    using S = Simd<Real>;
+    const TokenRows& tr = s.rows;
+    const int H = s.H, T = s.T, J = s.J();
+    const Padded<Real> pd(s);
+    const int Fp = pd.Fp, Vp = pd.Vp;
+    const std::size_t row_F = std::size_t(H) * Fp, row_V = std::size_t(H) * Vp;
+    const Real* hidden = tile.hidden.data();
+    const Real* dlogits = tile.logits.data();
+    const Real* a_tile = tile.a.data();
+
+    gemm(Fp, Vp, count, hidden, 1, Fp, dlogits, Vp, acc.dW_OU.data(), Vp, true);
+    Real* dpre = tile.dhidden.data();
+    gemm(count, Fp, Vp, dlogits, Vp, 1, ws.W_OU_T, Fp, dpre, Fp, false);
+    for (int i = 0; i < count; ++i) {
+        const Real* h_i = hidden + std::size_t(i) * Fp;
+        Real* d_i = dpre + std::size_t(i) * Fp;
+        // relu': hidden > 0 (a NaN hidden blocks its gradient, as torch's threshold_backward).
+        for (int f = 0; f < Fp; f += S::L)
+            S::store(d_i + f, S::load(h_i + f) > Real(0) ? S::load(d_i + f) : S::zero());
+    }
+    // Sums over the tile: the bases' gradients, and the constant rows'
+    // gradients and attention-weight gradients, as GEMMs.
+    add_column_sums(count, dpre, Fp, acc.dbase_pre.data());
+    add_column_sums(count, dlogits, Vp, acc.dbase_logit.data());
+    Real* da = tile.da.data();
+    for (const ConstRow& c : const_rows(tr)) {
+        gemm_nt(count, H, Fp, dpre, Fp, ws.U_rest + c.rest * row_F, Fp, da + c.pos * H, J, false);
+        gemm_nt(count, H, Vp, dlogits, Vp, ws.UU_rest + c.rest * row_V, Vp, da + c.pos * H, J, true);
+        gemm(H, Fp, count, a_tile + c.pos * H, 1, J, dpre, Fp, acc.dU_rest.data() + c.rest * row_F, Fp, true);
+        gemm(H, Vp, count, a_tile + c.pos * H, 1, J, dlogits, Vp, acc.dUU_rest.data() + c.rest * row_V, Vp, true);
+    }
+    // The x and y rows, example by example: the x rows in the block buffers,
+    // the y rows in the rest tables.
+    std::vector<const Real*> u_rows(2 * H), uu_rows(2 * H);
+    std::vector<Real*> du_rows(2 * H), duu_rows(2 * H);
+    Real* dS = acc.dS.data();
+    for (int i = 0; i < count; ++i) {
+        const int* r = tile.rows.data() + std::size_t(i) * T;
+        const Real* a = a_tile + std::size_t(i) * J;
+        Real* da_i = da + std::size_t(i) * J;
+        const Real* g = dpre + std::size_t(i) * Fp;
+        const Real* dlogits_i = dlogits + std::size_t(i) * Vp;
+        const std::size_t ix = std::size_t(r[tr.pos_x] - x0), iy = std::size_t(r[tr.pos_y] - tr.op_row);
+        for (int h = 0; h < H; ++h) {
+            u_rows[h] = tile.U_x.data() + ix * row_F + h * Fp;
+            uu_rows[h] = tile.UU_x.data() + ix * row_V + h * Vp;
+            du_rows[h] = tile.dU_x.data() + ix * row_F + h * Fp;
+            duu_rows[h] = tile.dUU_x.data() + ix * row_V + h * Vp;
+            u_rows[H + h] = ws.U_rest + iy * row_F + h * Fp;
+            uu_rows[H + h] = ws.UU_rest + iy * row_V + h * Vp;
+            du_rows[H + h] = acc.dU_rest.data() + iy * row_F + h * Fp;
+            duu_rows[H + h] = acc.dUU_rest.data() + iy * row_V + h * Vp;
+        }
+        Real* da_x = da_i + tr.pos_x * H;
+        Real* da_y = da_i + tr.pos_y * H;
+        std::fill(da_x, da_x + H, Real(0));
+        std::fill(da_y, da_y + H, Real(0));
+        dot_and_scatter(a + tr.pos_x * H, a + tr.pos_y * H, H, u_rows.data(), du_rows.data(), g, Fp, da_x, da_y);
+        dot_and_scatter(a + tr.pos_x * H, a + tr.pos_y * H, H, uu_rows.data(), duu_rows.data(), dlogits_i, Vp,
+                        da_x, da_y);
+        // Softmax over the T positions, per head.
+        for (int h = 0; h < H; ++h) {
+            Real mean = 0;
+            for (int t = 0; t < T; ++t) mean = fma_scalar(a[t * H + h], da_i[t * H + h], mean);
+            for (int t = 0; t < T; ++t)
+                dS[r[t] * H + h] = fma_scalar(a[t * H + h], da_i[t * H + h] - mean, dS[r[t] * H + h]);
+        }
+    }
+}
+
+template <typename Real>
+void block_gradients(const ModelShape& s, const Workspace<Real>& ws, int x0, int xn, const TileScratch<Real>& tile,
+                     ExampleGrads<Real>& acc) {
+    const int H = s.H, Dh = s.Dh, HDh = s.HDh();
+    const Padded<Real> pd(s);
+    const int Fp = pd.Fp, Vp = pd.Vp;
+    const std::size_t row_F = std::size_t(H) * Fp, row_V = std::size_t(H) * Vp;
+    const Real* Vt_x = ws.Vt.data() + std::size_t(x0) * HDh;
+    for (int h = 0; h < H; ++h) {
+        const Real* dU_x = tile.dU_x.data() + std::size_t(h) * Fp;
+        const Real* dUU_x = tile.dUU_x.data() + std::size_t(h) * Vp;
+        gemm(Dh, Fp, xn, Vt_x + h * Dh, 1, HDh, dU_x, std::ptrdiff_t(row_F),
+             acc.dW_OI.data() + std::size_t(h) * Dh * Fp, Fp, true);
+        gemm(Dh, Vp, xn, Vt_x + h * Dh, 1, HDh, dUU_x, std::ptrdiff_t(row_V),
+             acc.dW_OUh.data() + std::size_t(h) * Dh * Vp, Vp, true);
+        Real* dVt_x = acc.dVt.data() + std::size_t(x0) * HDh + h * Dh;
+        gemm_nt(xn, Dh, Fp, dU_x, std::ptrdiff_t(row_F), ws.W_OI.data() + std::size_t(h) * Dh * Fp, Fp,
+                dVt_x, HDh, true);
+        gemm_nt(xn, Dh, Vp, dUU_x, std::ptrdiff_t(row_V), ws.W_OUh.data() + std::size_t(h) * Dh * Vp, Vp,
+                dVt_x, HDh, true);
     }
 }
 
 }  // namespace
 
 template <typename Real>
-Engine<Real>::Engine(const ModelShape& shape, const TrainingSet& data)
-    : shape_(shape), layout_(shape), data_(data) {}
+Engine<Real>::Engine(const ModelShape& shape, const ParamLayout& layout, const TrainingSet& data)
+    : shape_(shape), layout_(layout), data_(data) {}
 
 template <typename Real>
 Engine<Real>::~Engine() = default;
 
 template <typename Real>
-std::size_t Engine<Real>::scratch_bytes() const {
-    std::size_t bytes = 0;
-    for (auto& w : workspaces_) bytes += w->bytes();
-    for (auto& g : accumulators_) bytes += g->bytes();
-    for (auto& t : tiles_) bytes += t->bytes();
-    for (auto& e : eval_x_rows_) bytes += e->bytes();
-    return bytes;
-}
-
-template <typename Real>
 void Engine<Real>::examples(int m, int block_begin, int block_end, const Workspace<Real>& ws,
                             ExampleGrads<Real>& acc, TileScratch<Real>& tile) const {
-    using S = Simd<Real>;
-    const ModelShape& s = shape_;
-    const int n = s.n, H = s.H, Dh = s.Dh, HDh = s.HDh(), J = s.J(), V = s.V;
-    const Padded<Real> pd(s);
-    const int Fp = pd.Fp, Vp = pd.Vp;
     const Real weight = Real(1.0 / double(data_.x[m].size()));
     const int32_t* xs = data_.x[m].data();
     const int32_t* ys = data_.y[m].data();
     const int32_t* labels = data_.labels[m].data();
-    Real* dS = acc.dS.data();
-    std::vector<const Real*> u_rows(2 * H), uu_rows(2 * H);
-    std::vector<Real*> du_rows(2 * H), duu_rows(2 * H);
-    std::vector<int> rows(4 * TILE);
-    const std::size_t row_F = std::size_t(H) * Fp, row_V = std::size_t(H) * Vp;
-    // Rows of the operator (position 1) and = (position 3), per head, and their gradients.
-    const Real* const_U[4] = {nullptr, ws.U_rest, nullptr, ws.U_rest + (n + 1) * row_F};
-    const Real* const_UU[4] = {nullptr, ws.UU_rest, nullptr, ws.UU_rest + (n + 1) * row_V};
-    Real* const_dU[4] = {nullptr, acc.dU_rest.data(), nullptr, acc.dU_rest.data() + (n + 1) * row_F};
-    Real* const_dUU[4] = {nullptr, acc.dUU_rest.data(), nullptr, acc.dUU_rest.data() + (n + 1) * row_V};
-
     for (int b = block_begin; b < block_end; ++b) {
         const int begin = data_.block_start[m][b], end = data_.block_start[m][b + 1];
         if (begin == end) continue;
-        const int x0 = b * X_BLOCK, xn = std::min(X_BLOCK, n - x0);
-        const Real* Vt_x = ws.Vt.data() + std::size_t(x0) * HDh;
-        for (int h = 0; h < H; ++h) {
-            gemm(xn, Fp, Dh, Vt_x + h * Dh, HDh, 1, ws.W_OI.data() + std::size_t(h) * Dh * Fp, Fp,
-                 tile.U_x.data() + std::size_t(h) * Fp, std::ptrdiff_t(row_F), false);
-            gemm(xn, Vp, Dh, Vt_x + h * Dh, HDh, 1, ws.W_OUh.data() + std::size_t(h) * Dh * Vp, Vp,
-                 tile.UU_x.data() + std::size_t(h) * Vp, std::ptrdiff_t(row_V), false);
-        }
-        std::fill(tile.dU_x.data(), tile.dU_x.data() + xn * row_F, Real(0));
-        std::fill(tile.dUU_x.data(), tile.dUU_x.data() + xn * row_V, Real(0));
-        // Where the rows of positions 0 (x, the block buffers) and 2 (y, the tables) live.
-        auto point_rows = [&](const int* r) {
-            const std::size_t ix = std::size_t(r[0] - x0), iy = std::size_t(r[2] - n);
-            for (int h = 0; h < H; ++h) {
-                u_rows[h] = tile.U_x.data() + ix * row_F + h * Fp;
-                uu_rows[h] = tile.UU_x.data() + ix * row_V + h * Vp;
-                du_rows[h] = tile.dU_x.data() + ix * row_F + h * Fp;
-                duu_rows[h] = tile.dUU_x.data() + ix * row_V + h * Vp;
-                u_rows[H + h] = ws.U_rest + iy * row_F + h * Fp;
-                uu_rows[H + h] = ws.UU_rest + iy * row_V + h * Vp;
-                du_rows[H + h] = acc.dU_rest.data() + iy * row_F + h * Fp;
-                duu_rows[H + h] = acc.dUU_rest.data() + iy * row_V + h * Vp;
-            }
-        };
-
+        const int x0 = b * X_BLOCK, xn = std::min(X_BLOCK, shape_.n - x0);
+        block_tables(shape_, ws, x0, xn, tile);
         for (int i0 = begin; i0 < end; i0 += TILE) {
             const int count = std::min(TILE, end - i0);
-            Real* hidden = tile.hidden.data();
-            Real* logits = tile.logits.data();
-            tile_forward(s, ws, XRows<Real>{tile.U_x.data(), tile.UU_x.data(), x0}, xs + i0, ys + i0, count,
-                         rows.data(), tile.a.data(), hidden, logits);
-
-            double tile_loss = 0.0;
-            for (int i = 0; i < count; ++i)
-                tile_loss += double(weight * loss_and_dlogits(logits + std::size_t(i) * Vp, V, Vp, labels[i0 + i], weight));
-            acc.loss += tile_loss;
-
-            // Backward: W_OU's gradient, then dhidden through it.
-            gemm(Fp, Vp, count, hidden, 1, Fp, logits, Vp, acc.dW_OU.data(), Vp, true);
-            Real* dpre = tile.dhidden.data();
-            gemm(count, Fp, Vp, logits, Vp, 1, ws.W_OU_T, Fp, dpre, Fp, false);
-            for (int i = 0; i < count; ++i) {
-                const Real* h_i = hidden + std::size_t(i) * Fp;
-                Real* d_i = dpre + std::size_t(i) * Fp;
-                // relu': hidden > 0 (a NaN hidden blocks its gradient, as torch's threshold_backward).
-                for (int f = 0; f < Fp; f += S::L)
-                    S::store(d_i + f, S::load(h_i + f) > Real(0) ? S::load(d_i + f) : S::zero());
-            }
-            // Sums over the tile: the bases' gradients, and the constant rows'
-            // gradients and attention-weight gradients, as GEMMs.
-            add_column_sums(count, dpre, Fp, acc.dbase_pre.data());
-            add_column_sums(count, logits, Vp, acc.dbase_logit.data());
-            Real* da = tile.da.data();
-            for (int t : {1, 3}) {
-                gemm_nt(count, H, Fp, dpre, Fp, const_U[t], Fp, da + t * H, J, false);
-                gemm_nt(count, H, Vp, logits, Vp, const_UU[t], Vp, da + t * H, J, true);
-                gemm(H, Fp, count, tile.a.data() + t * H, 1, J, dpre, Fp, const_dU[t], Fp, true);
-                gemm(H, Vp, count, tile.a.data() + t * H, 1, J, logits, Vp, const_dUU[t], Vp, true);
-            }
-            for (int i = 0; i < count; ++i) {
-                const int* r = rows.data() + 4 * i;
-                const Real* a = tile.a.data() + std::size_t(i) * J;
-                Real* da_i = da + std::size_t(i) * J;
-                const Real* g = dpre + std::size_t(i) * Fp;
-                const Real* dlogits = logits + std::size_t(i) * Vp;
-                point_rows(r);
-                for (int t : {0, 2}) std::fill(da_i + t * H, da_i + (t + 1) * H, Real(0));
-                dot_and_scatter(a, a + 2 * H, H, u_rows.data(), du_rows.data(), g, Fp, da_i, da_i + 2 * H);
-                dot_and_scatter(a, a + 2 * H, H, uu_rows.data(), duu_rows.data(), dlogits, Vp, da_i, da_i + 2 * H);
-                // Softmax over the 4 positions, per head.
-                for (int h = 0; h < H; ++h) {
-                    Real mean = 0;
-                    for (int t = 0; t < 4; ++t) mean += a[t * H + h] * da_i[t * H + h];
-                    for (int t = 0; t < 4; ++t) dS[r[t] * H + h] += a[t * H + h] * (da_i[t * H + h] - mean);
-                }
-            }
+            tile_forward(shape_, ws, XRows<Real>{tile.U_x.data(), tile.UU_x.data(), x0}, xs + i0, ys + i0, count,
+                         tile.rows.data(), tile.a.data(), tile.hidden.data(), tile.logits.data());
+            acc.loss += tile_loss(shape_, tile.logits.data(), labels + i0, count, weight);
+            tile_backward(shape_, ws, x0, count, tile, acc);
         }
-
-        // The block's x rows of U and UU into gradients of V_tab, W_OI and W_OUh.
-        for (int h = 0; h < H; ++h) {
-            const Real* dU_x = tile.dU_x.data() + std::size_t(h) * Fp;
-            const Real* dUU_x = tile.dUU_x.data() + std::size_t(h) * Vp;
-            gemm(Dh, Fp, xn, Vt_x + h * Dh, 1, HDh, dU_x, std::ptrdiff_t(row_F),
-                 acc.dW_OI.data() + std::size_t(h) * Dh * Fp, Fp, true);
-            gemm(Dh, Vp, xn, Vt_x + h * Dh, 1, HDh, dUU_x, std::ptrdiff_t(row_V),
-                 acc.dW_OUh.data() + std::size_t(h) * Dh * Vp, Vp, true);
-            Real* dVt_x = acc.dVt.data() + std::size_t(x0) * HDh + h * Dh;
-            gemm_nt(xn, Dh, Fp, dU_x, std::ptrdiff_t(row_F), ws.W_OI.data() + std::size_t(h) * Dh * Fp, Fp,
-                    dVt_x, HDh, true);
-            gemm_nt(xn, Dh, Vp, dUU_x, std::ptrdiff_t(row_V), ws.W_OUh.data() + std::size_t(h) * Dh * Vp, Vp,
-                    dVt_x, HDh, true);
-        }
+        block_gradients(shape_, ws, x0, xn, tile, acc);
     }
 }
 
@@ -746,23 +844,24 @@ namespace {
 template <typename Real>
 void tables_backward(const ModelShape& s, const ParamPtrs<Real>& p, Workspace<Real>& ws,
                      ExampleGrads<Real>& acc, const ParamPtrs<Real>& g) {
-    const int R = s.R(), D = s.D, H = s.H, Dh = s.Dh, HDh = s.HDh(), F = s.F, V = s.V, n = s.n;
+    const TokenRows& rows = s.rows;
+    const int R = s.R(), D = s.D, H = s.H, Dh = s.Dh, HDh = s.HDh(), F = s.F, V = s.V, rest = rows.rest();
     const Padded<Real> pd(s);
     const int Fp = pd.Fp, Vp = pd.Vp;
-    const Real* c = ws.R_tab.data() + std::size_t(R - 1) * D;
+    const Real* c = ws.R_tab.data() + std::size_t(rows.eq_row) * D;
 
-    // Rows n.. of V_tab through U_rest = V_tab W_OI and UU_rest = V_tab W_OUh.
+    // Rows op_row.. of V_tab through U_rest = V_tab W_OI and UU_rest = V_tab W_OUh.
     for (int h = 0; h < H; ++h) {
         const Real* W_OI = ws.W_OI.data() + std::size_t(h) * Dh * Fp;
         const Real* W_OUh = ws.W_OUh.data() + std::size_t(h) * Dh * Vp;
         const Real* dU = acc.dU_rest.data() + std::size_t(h) * Fp;
         const Real* dUU = acc.dUU_rest.data() + std::size_t(h) * Vp;
-        const Real* Vt = ws.Vt.data() + std::size_t(n) * HDh + h * Dh;
-        Real* dVt = acc.dVt.data() + std::size_t(n) * HDh + h * Dh;
-        gemm_nt(n + 2, Dh, Fp, dU, std::ptrdiff_t(H) * Fp, W_OI, Fp, dVt, HDh, false);
-        gemm_nt(n + 2, Dh, Vp, dUU, std::ptrdiff_t(H) * Vp, W_OUh, Vp, dVt, HDh, true);
-        gemm(Dh, Fp, n + 2, Vt, 1, HDh, dU, std::ptrdiff_t(H) * Fp, acc.dW_OI.data() + std::size_t(h) * Dh * Fp, Fp, true);
-        gemm(Dh, Vp, n + 2, Vt, 1, HDh, dUU, std::ptrdiff_t(H) * Vp, acc.dW_OUh.data() + std::size_t(h) * Dh * Vp, Vp, true);
+        const Real* Vt = ws.Vt.data() + std::size_t(rows.op_row) * HDh + h * Dh;
+        Real* dVt = acc.dVt.data() + std::size_t(rows.op_row) * HDh + h * Dh;
+        gemm_nt(rest, Dh, Fp, dU, std::ptrdiff_t(H) * Fp, W_OI, Fp, dVt, HDh, false);
+        gemm_nt(rest, Dh, Vp, dUU, std::ptrdiff_t(H) * Vp, W_OUh, Vp, dVt, HDh, true);
+        gemm(Dh, Fp, rest, Vt, 1, HDh, dU, std::ptrdiff_t(H) * Fp, acc.dW_OI.data() + std::size_t(h) * Dh * Fp, Fp, true);
+        gemm(Dh, Vp, rest, Vt, 1, HDh, dUU, std::ptrdiff_t(H) * Vp, acc.dW_OUh.data() + std::size_t(h) * Dh * Vp, Vp, true);
     }
 
     // Through W_OI = W_O W_in, W_OUh = W_O W_U, W_OU = W_out W_U and the bases.
@@ -814,18 +913,18 @@ void tables_backward(const ModelShape& s, const ParamPtrs<Real>& p, Workspace<Re
         transpose(D, Dh, p.W_V + w, Dh, ws.small_T, D);
         gemm(R, D, Dh, dVt + h * Dh, HDh, 1, ws.small_T, D, ws.dR, D, true);
         transpose(D, Dh, p.W_Q + w, Dh, ws.small_T, D);
-        gemm(1, D, Dh, ws.dq + h * Dh, Dh, 1, ws.small_T, D, ws.dR + std::size_t(R - 1) * D, D, true);
+        gemm(1, D, Dh, ws.dq + h * Dh, Dh, 1, ws.small_T, D, ws.dR + std::size_t(rows.eq_row) * D, D, true);
     }
-    Real* dR_eq = ws.dR + std::size_t(R - 1) * D;
+    Real* dR_eq = ws.dR + std::size_t(rows.eq_row) * D;
     for (int d = 0; d < D; ++d) dR_eq[d] += ws.dc[d];
 
     // Rows back onto the embeddings: W_E[token(r)] and W_pos[pos(r)].
     std::fill(g.W_E, g.W_E + std::size_t(V) * D, Real(0));
-    std::fill(g.W_pos, g.W_pos + std::size_t(4) * D, Real(0));
+    std::fill(g.W_pos, g.W_pos + std::size_t(s.T) * D, Real(0));
     for (int r = 0; r < R; ++r) {
         const Real* dr = ws.dR + std::size_t(r) * D;
-        Real* ge = g.W_E + std::size_t(row_token(r, n)) * D;
-        Real* gp = g.W_pos + std::size_t(row_pos(r, n)) * D;
+        Real* ge = g.W_E + std::size_t(rows.token[r]) * D;
+        Real* gp = g.W_pos + std::size_t(rows.pos[r]) * D;
         for (int d = 0; d < D; ++d) {
             ge[d] += dr[d];
             gp[d] += dr[d];
@@ -898,67 +997,25 @@ void Engine<Real>::step(Real* params, Real* grads, Real* exp_avg, Real* exp_avg_
                         const AdamWArgs* adamw_args, int n_threads, StepOutput out) {
     const int M = data_.M;
 #ifdef _OPENMP
-    const int threads = std::max(1, n_threads);
+    // One thread per model at a time: more threads than models would idle.
+    const int threads = std::max(1, std::min(n_threads, M));
 #else
     const int threads = 1;
     (void)n_threads;
 #endif
     const std::size_t P = layout_.P;
-    const int blocks = data_.blocks();
-    // A model's x blocks are always cut into the same shards, each summed from
-    // zero and added in shard order, whether one thread walks them all or
-    // several share them: the sums, and so the result, are the same for any
-    // thread count.
-    const int shards = std::min(MODEL_SHARDS, blocks);
-    auto shard_begin = [&](int s) { return blocks * s / shards; };
-
-    if (M >= threads) {
-        // Whole models per thread: shard 0 into one accumulator, each later
-        // shard into a second one, added after it.
-        while (int(workspaces_.size()) < threads) workspaces_.push_back(std::make_unique<Workspace<Real>>(shape_));
-        while (int(accumulators_.size()) < 2 * threads) accumulators_.push_back(std::make_unique<ExampleGrads<Real>>(shape_));
-        while (int(tiles_.size()) < threads) tiles_.push_back(std::make_unique<TileScratch<Real>>(shape_));
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-        for (int m = 0; m < M; ++m) {
-            const int tid = thread_id();
-            Workspace<Real>& ws = *workspaces_[tid];
-            ExampleGrads<Real>& acc = *accumulators_[2 * tid];
-            ExampleGrads<Real>& part = *accumulators_[2 * tid + 1];
-            tables_forward(shape_, ParamPtrs<Real>(params + std::size_t(m) * P, layout_), ws);
-            acc.zero();
-            examples(m, shard_begin(0), shard_begin(1), ws, acc, *tiles_[tid]);
-            for (int s = 1; s < shards; ++s) {
-                part.zero();
-                examples(m, shard_begin(s), shard_begin(s + 1), ws, part, *tiles_[tid]);
-                acc.add(part);
-            }
-            finish_model(m, params, grads, exp_avg, exp_avg_sq, adamw_args, acc, ws, out);
-        }
-        return;
-    }
-
-    // Fewer models than threads: the shards of all models are shared out.
-    while (int(workspaces_.size()) < M) workspaces_.push_back(std::make_unique<Workspace<Real>>(shape_));
-    while (int(accumulators_.size()) < M * shards) accumulators_.push_back(std::make_unique<ExampleGrads<Real>>(shape_));
+    while (int(workspaces_.size()) < threads) workspaces_.push_back(std::make_unique<Workspace<Real>>(shape_));
+    while (int(accumulators_.size()) < threads) accumulators_.push_back(std::make_unique<ExampleGrads<Real>>(shape_));
     while (int(tiles_.size()) < threads) tiles_.push_back(std::make_unique<TileScratch<Real>>(shape_));
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(dynamic, 1)
-        for (int m = 0; m < M; ++m)
-            tables_forward(shape_, ParamPtrs<Real>(params + std::size_t(m) * P, layout_), *workspaces_[m]);
-#pragma omp for schedule(dynamic, 1)
-        for (int item = 0; item < M * shards; ++item) {
-            const int m = item / shards, s = item % shards;
-            ExampleGrads<Real>& acc = *accumulators_[item];
-            acc.zero();
-            examples(m, shard_begin(s), shard_begin(s + 1), *workspaces_[m], acc, *tiles_[thread_id()]);
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (int m = 0; m < M; ++m) {
-            ExampleGrads<Real>& acc = *accumulators_[std::size_t(m) * shards];
-            for (int s = 1; s < shards; ++s) acc.add(*accumulators_[std::size_t(m) * shards + s]);
-            finish_model(m, params, grads, exp_avg, exp_avg_sq, adamw_args, acc, *workspaces_[m], out);
-        }
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int m = 0; m < M; ++m) {
+        const int tid = thread_id();
+        Workspace<Real>& ws = *workspaces_[tid];
+        ExampleGrads<Real>& acc = *accumulators_[tid];
+        tables_forward(shape_, ParamPtrs<Real>(params + std::size_t(m) * P, layout_), ws);
+        acc.zero();
+        examples(m, 0, data_.blocks(), ws, acc, *tiles_[tid]);
+        finish_model(m, params, grads, exp_avg, exp_avg_sq, adamw_args, acc, ws, out);
     }
 }
 
@@ -992,14 +1049,14 @@ void Engine<Real>::logits(const Real* params, const int64_t* models, int n_model
             for (int k = 0; k < count; ++k) {
                 tables_forward(shape_, ParamPtrs<Real>(const_cast<Real*>(params) + std::size_t(models[c0 + k]) * P, layout_),
                                *workspaces_[k]);
-                x_row_tables(s, *workspaces_[k], eval_x_rows_[k]->U.data(), eval_x_rows_[k]->UU.data());
+                x_row_tables(s, *workspaces_[k], 0, s.n, eval_x_rows_[k]->U.data(), eval_x_rows_[k]->UU.data());
             }
 #pragma omp for schedule(dynamic, 1)
             for (int item = 0; item < count * tiles; ++item) {
                 const int k = item / tiles, i0 = (item % tiles) * TILE, n_ex = std::min(TILE, N - i0);
                 TileScratch<Real>& tile = *tiles_[thread_id()];
-                std::vector<int> rows(4 * TILE);
-                tile_forward(s, *workspaces_[k], XRows<Real>{eval_x_rows_[k]->U.data(), eval_x_rows_[k]->UU.data(), 0}, x + i0, y + i0, n_ex, rows.data(),
+                const XRows<Real> x_rows{eval_x_rows_[k]->U.data(), eval_x_rows_[k]->UU.data(), 0};
+                tile_forward(s, *workspaces_[k], x_rows, x + i0, y + i0, n_ex, tile.rows.data(),
                              tile.a.data(), tile.hidden.data(), tile.logits.data());
                 Real* dst = out + (std::size_t(c0 + k) * N + i0) * V;
                 for (int i = 0; i < n_ex; ++i)

@@ -1,16 +1,22 @@
 // The fused CPU training step of a population of 1-layer transformers.
 //
-// The same function as fastgrok/engine.py (the batched PyTorch engine): loss
-// at the last position only, keys/values/scores tabulated per (token,
-// position) row, stable log-softmax with the correct-class gradient
+// The same function as fastgrok/backends/torch_engine.py (the batched PyTorch
+// engine): loss at the last position only, keys/values/scores tabulated per
+// (token, position) row, stable log-softmax with the correct-class gradient
 // -(sum of the other probabilities), AdamW with per-model lr and weight decay.
-// It does exactly less arithmetic by using that the MLP input is linear in
-// the attention weights (see engine.cpp for the derivation and the costs).
+// It computes that function exactly with less arithmetic, using that the MLP
+// input is linear in the attention weights (engine.cpp: the derivation, the
+// costs).
 //
-// Dimensions: M models, N example slots, R = 2n + 2 token rows, D d_model,
-// H heads, Dh d_head, F d_mlp, V d_vocab, P parameters per model; Fp and Vp
-// are F and V rounded up to the vector width so that every row of the
-// internal F- and V-wide tables is a whole number of vector registers.
+// Dimensions: M models, N example slots, T positions (n_ctx), R token rows,
+// D d_model, H heads, Dh d_head, F d_mlp, V d_vocab, P parameters per model;
+// Fp and Vp are F and V rounded up to the vector width so that every row of
+// the internal F- and V-wide tables is a whole number of vector registers.
+// n_train is a model's training-set size (D is d_model).
+//
+// The engine derives neither the parameter layout nor the token rows: both
+// come from fastgrok/layout.py through the binding, and the constructors
+// below check that they have the structure the algorithm relies on.
 #pragma once
 
 #include <cstddef>
@@ -20,18 +26,42 @@
 
 namespace fastgrok {
 
-struct ModelShape {
-    int n;   // task elements; tokens n (operator) and n + 1 (=) follow
-    int V, D, H, Dh, F;
+// fastgrok/layout.py's TokenRows: row r of the per-step tables holds token[r]
+// at position pos[r]. The algorithm relies on their order -- the n x rows
+// first (row x is element x, so the x rows are cut into blocks by x), then
+// the operator row, the n y rows and the = row contiguous (one "rest" table
+// of R - op_row rows, indexed from op_row) -- and on the = row sitting at the
+// last position, where the loss is read. The constructor checks all of it and
+// names the first value that breaks it (std::invalid_argument).
+struct TokenRows {
+    TokenRows(int n, int d_vocab, int n_ctx, std::vector<int64_t> token, std::vector<int64_t> pos, int op_row,
+              int first_y_row, int eq_row);
+    std::vector<int> token, pos;  // (R,)
+    int op_row, first_y_row, eq_row;
+    int pos_x, pos_op, pos_y, pos_eq;  // the position of each kind of row
 
-    int R() const { return 2 * n + 2; }
-    int HDh() const { return H * Dh; }
-    int J() const { return 4 * H; }  // attention weights per example: 4 positions x H heads
+    int R() const { return static_cast<int>(token.size()); }
+    int rest() const { return R() - op_row; }  // rows op_row..R-1: the operator, y and = rows
 };
 
-// Offsets of each parameter in a model's flat vector, in PARAM_NAMES order.
+struct ModelShape {
+    ModelShape(int n, int d_vocab, int d_model, int n_heads, int d_head, int d_mlp, int n_ctx, TokenRows rows);
+    int n;   // task elements
+    int V, D, H, Dh, F, T;
+    TokenRows rows;
+
+    int R() const { return rows.R(); }
+    int HDh() const { return H * Dh; }
+    int J() const { return T * H; }  // attention weights per example: T positions x H heads
+};
+
+// Offsets of each parameter in a model's flat row, in PARAM_NAMES order, and
+// P: fastgrok/layout.py's ParamLayout as received. The constructor checks
+// that they are contiguous from 0 and that each size is its shape's
+// (offsets: COUNT + 1 values, the last one P).
 struct ParamLayout {
-    explicit ParamLayout(const ModelShape& s);
+    static constexpr int COUNT = 11;
+    ParamLayout(const ModelShape& s, const std::vector<int64_t>& offsets);
     std::size_t W_E, W_pos, W_Q, W_K, W_V, W_O, W_in, b_in, W_out, b_out, W_U, P;
 };
 
@@ -41,7 +71,7 @@ struct ParamLayout {
 struct TrainingSet {
     static constexpr int X_BLOCK = 8;
     // x, y, labels: (M, N) row-major; train_size: (M,). Model m trains on its
-    // first train_size[m] slots; the rest is padding and never read.
+    // first n_train = train_size[m] slots; the rest is padding and never read.
     TrainingSet(const ModelShape& shape, int M, int N, const int64_t* x, const int64_t* y,
                 const int64_t* labels, const int64_t* train_size);
     int M;
@@ -49,11 +79,6 @@ struct TrainingSet {
     std::vector<std::vector<int>> block_start;       // per model, (blocks + 1) offsets
     int blocks() const { return static_cast<int>(block_start[0].size()) - 1; }
 };
-
-// Each model's examples are summed in this many shards, whatever the thread
-// count (engine.cpp, "Threads and reproducibility"): a single model still
-// uses two cores, and the result is the same on one.
-constexpr int MODEL_SHARDS = 2;
 
 struct AdamWArgs {
     const double* lr;            // (M,) learning rate of this step (warm-up applied)
@@ -76,7 +101,7 @@ template <typename Real> struct XRowTables;
 template <typename Real>
 class Engine {
   public:
-    Engine(const ModelShape& shape, const TrainingSet& data);
+    Engine(const ModelShape& shape, const ParamLayout& layout, const TrainingSet& data);
     ~Engine();
 
     // Loss and gradients of every model into grads (M, P); with adamw set, an
@@ -91,18 +116,18 @@ class Engine {
     void logits(const Real* params, const int64_t* models, int n_models, const int32_t* x, const int32_t* y,
                 int N, Real* out, int n_threads);
 
-    std::size_t scratch_bytes() const;  // workspace currently allocated
-
   private:
     ModelShape shape_;
     ParamLayout layout_;
     const TrainingSet& data_;
     std::vector<std::unique_ptr<Workspace<Real>>> workspaces_;
-    // Example-gradient sums: two per thread, or one per (model, shard) when models < threads.
+    // Example-gradient sums, one per thread.
     std::vector<std::unique_ptr<ExampleGrads<Real>>> accumulators_;
     std::vector<std::unique_ptr<TileScratch<Real>>> tiles_;
     std::vector<std::unique_ptr<XRowTables<Real>>> eval_x_rows_;  // every x row of U and UU, for logits()
 
+    // The examples of model m in x blocks block_begin..block_end-1: loss and
+    // gradients w.r.t. the per-step tables into acc.
     void examples(int m, int block_begin, int block_end, const Workspace<Real>& ws,
                   ExampleGrads<Real>& acc, TileScratch<Real>& tile) const;
     void finish_model(int m, Real* params, Real* grads, Real* exp_avg, Real* exp_avg_sq,

@@ -93,6 +93,20 @@ struct Simd {
     }
 };
 
+// The scalar a * b + c, fused where the target has an FMA instruction. For
+// the same reason as Simd::fma: GCC keeps a loop-carried `s += a * b` of
+// unknown trip count unfused (its FMA-chain tuning) and fuses the same chain
+// once the loop is unrolled, so whether a bound is a constant would change
+// the bits.
+template <typename Real>
+inline Real fma_scalar(Real a, Real b, Real c) {
+#if defined(__FMA__) || defined(__aarch64__)
+    return std::fma(a, b, c);
+#else
+    return a * b + c;
+#endif
+}
+
 inline std::size_t round_up(std::size_t x, std::size_t multiple) {
     return (x + multiple - 1) / multiple * multiple;
 }

@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 from fastgrok.config import PRESETS, OptimConfig, get_preset
-from fastgrok.engine import BACKENDS
+from fastgrok.backends import BACKENDS
 from fastgrok.shard import Shard, local_device, partition, shard_from_env
 from fastgrok.experiments import (DEFAULTS, SCHEDULES, check_seeds, draw_figures, grid_runs, parse_floats, parse_sizes,
                                   pretrain_path, summarize, ungrok_plan, write_toy)
-from fastgrok.tasks import OPS
+from fastgrok.config import OPS
 
 USAGE_ERROR = 2
 
@@ -349,16 +349,13 @@ def _train(args, experiment, out, preset, runs, steps, **kw):
     from fastgrok.runner import run_experiment
 
     optim = OptimConfig()
-    # The triton backend reads its options when it is first configured.
-    if args.precision:
-        os.environ["FASTGROK_TRITON_PRECISION"] = args.precision
-    if args.cuda_graph:
-        os.environ["FASTGROK_TRITON_CUDA_GRAPH"] = "1"
+    triton = {k: v for k, v in (("precision", args.precision), ("cuda_graph", args.cuda_graph)) if v}
+    options = {"triton": triton} if triton else None
     progress = Progress(steps, len(runs), f"{experiment} ({len(runs)} models)", args.quiet, args.progress_every)
     try:
         pop = run_experiment(out, experiment, preset.task, preset.model, optim, runs, steps,
-                             schedule=SCHEDULES[preset.name], backend=args.backend, device=args.device, resume=args.resume,
-                             progress=progress, **kw)
+                             schedule=SCHEDULES[preset.name], backend=args.backend, backend_options=options,
+                             device=args.device, resume=args.resume, progress=progress, **kw)
     finally:
         progress.close()
     print(f"{experiment}: {len(runs)} models x {steps:,} steps on backend {pop.backend} -> {out}"

@@ -7,6 +7,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The tasks (fastgrok.tasks defines each operation): Power et al.'s modular
+# operations, and the permutation-group tasks over S5 (120 elements).
+MODULAR_OP_NAMES = ("x+y", "x-y", "x*y", "x/y", "x^2+y^2", "x^2+xy+y^2", "x^2+xy+y^2+x", "x^3+xy", "x^3+xy^2+y")
+S5_OPS = ("S5:x*y", "S5:x*y*x^-1", "S5:x*y*x")
+OPS = MODULAR_OP_NAMES + S5_OPS
+
+
+def is_prime(p: int) -> bool:
+    if p < 2:
+        return False
+    return all(p % d for d in range(2, int(p**0.5) + 1))
+
+
+def validate_task(op: str, p: int) -> None:
+    """Raise ValueError naming the bad value and what would be valid."""
+    if op not in OPS:
+        raise ValueError(f"unknown task {op!r}; valid tasks: {', '.join(OPS)}")
+    if op in S5_OPS:
+        return
+    if not isinstance(p, int) or p < 2:
+        raise ValueError(f"p={p!r}: the modulus must be an integer >= 2")
+    if op == "x/y" and not is_prime(p):
+        raise ValueError(f"p={p}: division needs a prime modulus (e.g. 97, 113)")
+
 
 @dataclass(frozen=True)
 class TaskConfig:
@@ -20,8 +44,6 @@ class TaskConfig:
     p: int = 113
 
     def __post_init__(self):
-        from fastgrok.tasks import validate_task
-
         validate_task(self.op, self.p)
 
     @property
@@ -60,11 +82,6 @@ class ModelConfig:
     @classmethod
     def for_task(cls, task: TaskConfig, **sizes) -> "ModelConfig":
         return cls(d_vocab=task.d_vocab, **sizes)
-
-    @property
-    def n_params(self) -> int:
-        D, H, Dh, F, V, T = self.d_model, self.n_heads, self.d_head, self.d_mlp, self.d_vocab, self.n_ctx
-        return V * D + T * D + 4 * H * D * Dh + D * F + F + F * D + D + D * V
 
 
 @dataclass(frozen=True)
@@ -150,4 +167,4 @@ def get_preset(name: str, **overrides) -> Preset:
     return Preset(name, task, model, optim, int(values["train_size"]), int(values["steps"]))
 
 
-__all__ = ["TaskConfig", "ModelConfig", "OptimConfig", "RunSpec", "PRESETS", "Preset", "get_preset"]
+__all__ = ["OPS", "S5_OPS", "MODULAR_OP_NAMES", "validate_task", "is_prime", "TaskConfig", "ModelConfig", "OptimConfig", "RunSpec", "PRESETS", "Preset", "get_preset"]

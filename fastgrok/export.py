@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import math
 import operator
 import os
 import warnings
@@ -57,20 +56,18 @@ import torch
 from torch import Tensor
 
 from fastgrok.config import ModelConfig
-from fastgrok.model import PARAM_NAMES, Transformer, param_shapes
+from fastgrok.layout import ParamLayout
+from fastgrok.model import Transformer
 from fastgrok.store import read_params, read_run
 
 
 def unflatten(flat: np.ndarray | Tensor, cfg: ModelConfig) -> dict[str, Tensor]:
     """One model's flat parameters (P,) -> reference state dict (copies, float32)."""
     flat = torch.as_tensor(np.asarray(flat, dtype=np.float32) if not isinstance(flat, Tensor) else flat)
-    shapes = param_shapes(cfg)
-    sizes = [math.prod(shapes[k]) for k in PARAM_NAMES]
-    if flat.shape != (sum(sizes),):
-        raise ValueError(f"flat parameters of shape {tuple(flat.shape)}; the model {cfg} has "
-                         f"({sum(sizes)},)")
-    parts = torch.split(flat.detach().to(torch.float32), sizes)
-    return {k: part.reshape(shapes[k]).clone() for k, part in zip(PARAM_NAMES, parts)}
+    layout = ParamLayout.from_config(cfg)
+    if flat.shape != (layout.P,):
+        raise ValueError(f"flat parameters of shape {tuple(flat.shape)}; the model {cfg} has ({layout.P},)")
+    return {k: v.clone() for k, v in layout.unflatten(flat.detach().to(torch.float32)).items()}
 
 
 def reference_state_dict(path: str | os.PathLike, model: int,

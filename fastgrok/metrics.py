@@ -1,8 +1,8 @@
-"""Measurements of a whole population at one evaluation point (SPEC "Measurements").
+"""Measurements of a whole population at one evaluation point (docs/design.md, "Measurements").
 
 Per model m, every value a float:
 
-* ``train_loss``, ``train_acc``: over its D_m training pairs, scored against
+* ``train_loss``, ``train_acc``: over its n_train training pairs, scored against
   the labels it trains on (the random ones for a memorisation-only run);
   ``test_loss``, ``test_acc``: over every other pair of the task, scored
   against the true labels (NaN when the training set is the whole task).
@@ -52,9 +52,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from fastgrok.model import PARAM_NAMES, stable_cross_entropy_fwd_bwd
+from fastgrok.layout import PARAM_NAMES
 
 # Tasks whose logits have the trigonometric structure of Appendix B.
 CIRCUIT_OPS = ("x+y",)
@@ -218,8 +217,8 @@ class Evaluator:
                 out["gen_mem_ratio_test"] = out["gen_logit_test"] / out["mem_logit_test"]
         flat = pop.flat_params[m].detach().cpu().numpy().astype(np.float64)
         total = 0.0
-        for name, (start, stop) in pop.param_slices().items():
-            sq = float(np.square(flat[start:stop]).sum())
+        for name, part in pop.layout.slices().items():
+            sq = float(np.square(flat[part]).sum())
             out[f"param_norm_{name}"] = math.sqrt(sq)
             total += sq
         out["param_norm"] = math.sqrt(total)

@@ -15,22 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from fastgrok.config import ModelConfig
+from fastgrok.layout import param_shapes
 
 # Fixed order in which weights are drawn from the init seed; every backend
 # stacks, flattens and checkpoints parameters in this order.
-PARAM_NAMES = ("W_E", "W_pos", "W_Q", "W_K", "W_V", "W_O", "W_in", "b_in", "W_out", "b_out", "W_U")
-
-
-def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    V, T, D, H, Dh, F = cfg.d_vocab, cfg.n_ctx, cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp
-    return {
-        "W_E": (V, D), "W_pos": (T, D),
-        "W_Q": (H, D, Dh), "W_K": (H, D, Dh), "W_V": (H, D, Dh), "W_O": (H, Dh, D),
-        "W_in": (D, F), "b_in": (F,), "W_out": (F, D), "b_out": (D,),
-        "W_U": (D, V),
-    }
-
-
 def init_params(cfg: ModelConfig, init_seed: int) -> dict[str, Tensor]:
     """Initial weights as a pure function of the seed (Nanda et al. 2023 scales).
 
@@ -57,7 +45,7 @@ class _StableCrossEntropy(torch.autograd.Function):
     to full relative precision; the textbook logsumexp(z) - z_y would round
     log(1 + tiny) to 0. The correct-class gradient is -(sum of the other
     probabilities), never p_y - 1, which rounds to 0 while the wrong classes
-    keep their gradient (SPEC "Numerics").
+    keep their gradient (docs/design.md, "Numerics").
     """
 
     @staticmethod

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from fastgrok.config import ModelConfig, OptimConfig, RunSpec, TaskConfig
-from fastgrok.engine import Population
+from fastgrok.population import Population
 from fastgrok.metrics import Evaluation, Evaluator
 from fastgrok.schedule import EvalSchedule
 from fastgrok.store import (MetricHistory, RunHeader, RunWriter, TrainingState, read_params,
@@ -101,6 +101,7 @@ def run_experiment(
     *,
     schedule: EvalSchedule = EvalSchedule(),
     backend: str = "torch",
+    backend_options: dict[str, dict] | None = None,
     device: str | torch.device = "cpu",
     resume: bool = False,
     progress: ProgressFn | None = None,
@@ -113,6 +114,8 @@ def run_experiment(
 ) -> Population:
     """Train ``runs`` for ``steps`` steps into the run file at ``path``; returns the population.
 
+    backend, backend_options: which backend steps the population and its
+            options ({backend name: keyword arguments}, see ``Population``).
     resume: continue the file at ``path`` if it exists (start it otherwise);
             without it an existing file is an error.
     snapshot_steps: steps whose parameters are kept in the file (for export).
@@ -135,7 +138,8 @@ def run_experiment(
     if path.exists() and not resume:
         raise FileExistsError(f"{path} exists; pass resume=True to continue it, or choose a new path")
 
-    pop = Population(Task(task_cfg), model_cfg, list(runs), optim_cfg, device=device, backend=backend)
+    pop = Population(Task(task_cfg), model_cfg, list(runs), optim_cfg, device=device, backend=backend,
+                     backend_options=backend_options)
     initial, provenance = (init_from.resolve(model_cfg, pop.P) if init_from is not None
                            else (None, None))
     if initial is not None and len(initial) != pop.M:

@@ -50,11 +50,5 @@ class EvalSchedule:
             log_points = log_points[(log_points > self.dense_until) & (log_points < total_steps)]
         return np.unique(np.concatenate([dense, log_points, np.array([total_steps], dtype=np.int64)]))
 
-    def next_after(self, step: int, total_steps: int) -> int | None:
-        """The first evaluation step after ``step``, or None if there is none."""
-        points = self.points(total_steps)
-        i = int(np.searchsorted(points, step, side="right"))
-        return int(points[i]) if i < len(points) else None
-
 
 __all__ = ["EvalSchedule"]

@@ -98,7 +98,7 @@ import torch
 import fastgrok
 from fastgrok.config import ModelConfig, OptimConfig, RunSpec, TaskConfig
 from fastgrok.metrics import Evaluation
-from fastgrok.model import PARAM_NAMES, param_shapes
+from fastgrok.layout import PARAM_NAMES, param_shapes
 from fastgrok.schedule import EvalSchedule
 from fastgrok.tasks import Task
 

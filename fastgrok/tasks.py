@@ -17,7 +17,7 @@ from functools import cached_property
 
 import numpy as np
 
-from fastgrok.config import TaskConfig
+from fastgrok.config import MODULAR_OP_NAMES, OPS, TaskConfig
 
 
 def _mod_inverse(y: np.ndarray, p: int) -> np.ndarray:
@@ -38,9 +38,7 @@ MODULAR_OPS = {
     "x^3+xy^2+y": lambda x, y, p: (x * x % p * x + x * (y * y % p) + y) % p,
 }
 
-# Permutation-group tasks over S5; an element is an index into S5_ELEMENTS.
-S5_OPS = ("S5:x*y", "S5:x*y*x^-1", "S5:x*y*x")
-OPS = tuple(MODULAR_OPS) + S5_OPS
+assert tuple(MODULAR_OPS) == MODULAR_OP_NAMES, "every modular task named in fastgrok.config has a definition here"
 
 
 @dataclass(frozen=True)
@@ -67,24 +65,6 @@ class _S5:
 
 
 S5 = _S5()
-
-
-def is_prime(p: int) -> bool:
-    if p < 2:
-        return False
-    return all(p % d for d in range(2, int(p**0.5) + 1))
-
-
-def validate_task(op: str, p: int) -> None:
-    """Raise ValueError naming the bad value and what would be valid."""
-    if op not in OPS:
-        raise ValueError(f"unknown task {op!r}; valid tasks: {', '.join(OPS)}")
-    if op in S5_OPS:
-        return
-    if not isinstance(p, int) or p < 2:
-        raise ValueError(f"p={p!r}: the modulus must be an integer >= 2")
-    if op == "x/y" and not is_prime(p):
-        raise ValueError(f"p={p}: division needs a prime modulus (e.g. 97, 113)")
 
 
 def apply_op(op: str, x: np.ndarray, y: np.ndarray, p: int) -> np.ndarray:

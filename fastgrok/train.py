@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from fastgrok.config import ModelConfig, OptimConfig, RunSpec
@@ -26,9 +25,6 @@ class History:
     test_loss: list[float] = field(default_factory=list)
     test_acc: list[float] = field(default_factory=list)
     seconds: float = 0.0
-
-    def as_arrays(self) -> dict[str, np.ndarray]:
-        return {k: np.asarray(getattr(self, k)) for k in ("step", "train_loss", "train_acc", "test_loss", "test_acc")}
 
 
 @torch.no_grad()

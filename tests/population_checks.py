@@ -2,7 +2,7 @@
 import torch
 
 from fastgrok.config import RunSpec
-from fastgrok.model import PARAM_NAMES
+from fastgrok.layout import PARAM_NAMES
 
 
 def ragged_runs(M):

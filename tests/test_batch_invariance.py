@@ -15,9 +15,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from fastgrok import cpu_engine
+from fastgrok.backends.cpu_engine import CpuBackend
 from fastgrok.config import ModelConfig, RunSpec, TaskConfig
-from fastgrok.engine import Population
+from fastgrok.population import Population
 from fastgrok.metrics import Evaluator
 from fastgrok.tasks import Task
 
@@ -26,7 +26,8 @@ TASK = Task(TaskConfig("x+y", 11))
 CFG = ModelConfig.for_task(TASK.cfg, d_model=16, n_heads=2, d_head=8, d_mlp=24)
 STATE = ("flat_params", "exp_avg", "exp_avg_sq")
 
-pytestmark = pytest.mark.skipif(not cpu_engine.available("cpu")[0], reason="the C++ engine is not built")
+pytestmark = pytest.mark.skipif(not CpuBackend.available(torch.device("cpu"))[0],
+                                reason="the C++ engine is not built (tests/test_cpu_engine.py says why)")
 
 
 @contextlib.contextmanager
@@ -88,7 +89,7 @@ def test_cpu_backend_is_bitwise_independent_of_batch_mates_and_threads(runs, sub
 
 
 def test_cpu_backend_a_single_model_is_the_same_with_one_to_four_threads():
-    """One model is split into shards at fixed boundaries, whatever the thread count."""
+    """A population smaller than the thread count: the same bits on 1 to 4 threads."""
     runs = [RunSpec(train_size=121, init_seed=5, weight_decay=0.3)]
     pop1, values1 = train(runs, 10, threads=1)
     for threads in (2, 3, 4):

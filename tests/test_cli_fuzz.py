@@ -105,17 +105,14 @@ def test_random_command_lines_run_or_refuse_in_one_line(files, data):
         out_dir = Path(tmp)
         argv = data.draw(argvs(files, out_dir), label="argv")
         stdout, stderr = io.StringIO(), io.StringIO()
-        environ = dict(os.environ)   # --precision / --cuda-graph set the triton backend's variables
-        try:
-            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                try:
-                    code = main(argv)
-                except SystemExit as exc:   # argparse's own exits
-                    code = exc.code
-        finally:
-            os.environ.clear()
-            os.environ.update(environ)
+        environ = dict(os.environ)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                code = main(argv)
+            except SystemExit as exc:   # argparse's own exits
+                code = exc.code
+        assert dict(os.environ) == environ, "the CLI changed the process environment"
         err = stderr.getvalue()
         event(f"{argv[0]} exit {code}")
         assert code in (0, 2), (argv, code, err)

@@ -1,11 +1,12 @@
-"""The C++ CPU engine (csrc/, fastgrok.cpu_engine) against the reference model and trainer.
+"""What is specific to the C++ CPU engine (csrc/, fastgrok.backends.cpu_engine).
 
-The engine computes in float32 for training and in float64 on request: the
-float64 runs check the algorithm itself against the float64 oracle to
-rounding level, the float32 runs check that its rounding is no worse than
-the float32 oracle's own.
+The checks every backend shares (training against the oracle in float64 and
+float32, a diverging model, logits, batch-mates, resume) are in
+tests/test_conformance.py; here: gradients on drawn shapes, tiny losses, NaN
+weights through the C++ kernels, thread counts, the engine's rebuild, its
+constructor's checks of the layout, the sanitizer build, the FLOP count and
+the AdamW pin to torch's kernel.
 """
-import functools
 import os
 import shutil
 import subprocess
@@ -18,13 +19,15 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from fastgrok import cpu_engine
+import fastgrok.backends.cpu_engine as cpu_module
+from fastgrok.backends.cpu_engine import CpuBackend
+from fastgrok.backends.torch_engine import adamw
 from fastgrok.config import ModelConfig, OptimConfig, RunSpec, TaskConfig
-from fastgrok.engine import Population
-from fastgrok.model import PARAM_NAMES, Transformer
+from fastgrok.layout import PARAM_NAMES, ParamLayout, TokenRows
+from fastgrok.model import Transformer
+from fastgrok.population import Population
 from fastgrok.tasks import Task
-from population_checks import assert_params_close, flat, ragged_runs
-from fastgrok.train import train_reference
+from population_checks import ragged_runs
 
 TASK = Task(TaskConfig("x+y", 11))
 # d_mlp = 24 and d_vocab = 13 are not multiples of the vector width: the
@@ -38,32 +41,19 @@ def built_engine(request):
     """A missing build is a bug wherever a compiler exists: fail, don't skip."""
     if request.function.__name__ == "test_unavailable_engine_says_why_and_population_falls_back":
         return
-    ok, reason = cpu_engine.available("cpu")
+    ok, reason = CpuBackend.available(torch.device("cpu"))
     if not ok:
         if COMPILER:
             pytest.fail(f"the C++ engine did not build although {COMPILER} exists: {reason}")
         pytest.skip(f"no C++ compiler on this machine: {reason}")
 
 
-
-
-def cpu_population(runs, task=TASK, cfg=CFG, **kwargs):
-    pop = Population(task, cfg, runs, backend="cpu", **kwargs)
+def cpu_population(runs, task=TASK, cfg=CFG, n_threads=None, **kwargs):
+    pop = Population(task, cfg, runs, backend=CpuBackend(n_threads=n_threads), **kwargs)
     assert pop.backend == "cpu"
     return pop
 
 
-
-
-
-
-@functools.lru_cache(maxsize=None)
-def reference_run(run, steps, dtype, optim=OptimConfig(warmup_steps=10)):
-    """(final model, train loss after each of steps 0..steps): shared by the tests."""
-    curve = []
-    model, _ = train_reference(TASK, CFG, run, steps, optim, eval_every=1, dtype=dtype,
-                               log=lambda step, hist: curve.append(hist.train_loss[-1]))
-    return model, np.array(curve)
 
 
 def reference_grads(task, cfg, run, dtype=torch.float64):
@@ -74,56 +64,10 @@ def reference_grads(task, cfg, run, dtype=torch.float64):
     return loss.item(), {k: getattr(model, k).grad for k in PARAM_NAMES}
 
 
-@pytest.mark.parametrize("M", [1, 3, 8])
-def test_population_matches_reference_trainer_in_float64(M):
-    """M ragged models, 300 steps with warm-up, against the oracle trained one by one.
-
-    In float64 the comparison sees the algorithm, not float32 rounding (which
-    chaotic stretches of these tiny runs amplify to O(0.1), see
-    tests/test_engine.py); a real bug moves parameters by ~lr * steps = 0.3.
-    M = 1 runs the example-sharded path whenever torch uses 2+ threads.
-    """
-    steps, runs, optim = 300, ragged_runs(M), OptimConfig(warmup_steps=10)
-    pop = cpu_population(runs, optim_cfg=optim, dtype=torch.float64)
-    losses = np.stack([pop.step().numpy() for _ in range(steps)])         # (steps, M)
-    for m, run in enumerate(runs):
-        model, ref_losses = reference_run(run, steps, torch.float64, optim)
-        # The engine reports the loss before update s, the reference records after it.
-        np.testing.assert_allclose(losses[:, m], ref_losses[:-1], rtol=1e-6, err_msg=f"model {m}: loss curves differ")
-        assert_params_close(pop, m, model, rtol=1e-5)
-
-
-def test_float32_training_is_as_accurate_as_float32_reference():
-    """Against the float64 oracle after 300 steps, the float32 engine's error is
-    no worse than the float32 oracle's own, summed over 8 models.
-
-    Not model by model: these runs are chaotic in float32. A ReLU unit that
-    comes alive with one example's input near 0 flips on rounding, and Adam
-    turns the flip into lr-sized steps, so the error of any float32
-    implementation is random in size: measured per-model ratios
-    engine / fp32-oracle ranged 0.34..480, and the batched PyTorch engine
-    lands on the same 0.06 as this engine where the fp32 oracle got 1e-4.
-    The sums agree (0.44 vs 0.45 measured). The algorithm itself is pinned
-    by the float64 test above to 1e-5.
-    """
-    steps, runs, optim = 300, ragged_runs(8), OptimConfig(warmup_steps=10)
-    pop = cpu_population(runs, optim_cfg=optim)
-    for _ in range(steps):
-        pop.step()
-    err_engine, err_ref = [], []
-    for m, run in enumerate(runs):
-        (m32, _), (m64, _) = reference_run(run, steps, torch.float32, optim), reference_run(run, steps, torch.float64, optim)
-        truth = flat(getattr(m64, k).detach() for k in PARAM_NAMES)
-        err_engine.append((flat(pop.params[k][m] for k in PARAM_NAMES) - truth).abs().max().item())
-        err_ref.append((flat(getattr(m32, k).detach() for k in PARAM_NAMES) - truth).abs().max().item())
-    assert sum(err_engine) <= 2 * sum(err_ref) + 1e-4, (
-        f"per-model errors {np.round(err_engine, 5)} vs float32 oracle {np.round(err_ref, 5)}")
-
-
 def test_one_step_float32_gradients_match_float64_reference():
     runs = ragged_runs(3)
     pop = cpu_population(runs)
-    loss = cpu_engine.loss_and_grad(pop)
+    loss = pop.loss_and_grad()
     for m, run in enumerate(runs):
         ref_loss, ref = reference_grads(TASK, CFG, run)
         assert abs(loss[m].item() - ref_loss) < 1e-6 * ref_loss, f"model {m}: loss {loss[m].item()} vs {ref_loss}"
@@ -144,7 +88,7 @@ def test_float64_gradients_match_reference_on_drawn_shapes(op, p, d_model, d_hea
     cfg = ModelConfig.for_task(task.cfg, d_model=d_model, n_heads=n_heads, d_head=d_head, d_mlp=d_mlp)
     runs = [RunSpec(min(D, task.n_pairs), data_seed=seed + m, init_seed=seed + 7 * m) for m, D in enumerate(sizes)]
     pop = cpu_population(runs, task=task, cfg=cfg, dtype=torch.float64)
-    loss = cpu_engine.loss_and_grad(pop)
+    loss = pop.loss_and_grad()
     for m, run in enumerate(runs):
         ref_loss, ref = reference_grads(task, cfg, run)
         assert abs(loss[m].item() - ref_loss) <= 1e-12 * ref_loss, f"model {m}: loss {loss[m].item()} vs {ref_loss}"
@@ -167,7 +111,7 @@ def test_tiny_losses_keep_their_precision():
     pop.params["b_out"][0, 0] = 1.0
     pop.params["W_U"][0, 0] = -30.0
     pop.params["W_U"][0, 0, label] = 30.0
-    loss = cpu_engine.loss_and_grad(pop)
+    loss = pop.loss_and_grad()
 
     model = Transformer(CFG).double()
     with torch.no_grad():
@@ -183,7 +127,7 @@ def test_tiny_losses_keep_their_precision():
     torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("poison", ["nan_weight", "huge_lr"])
+@pytest.mark.parametrize("poison", ["nan_weight"])   # a huge lr: tests/test_conformance.py
 def test_diverged_model_is_frozen_and_others_are_bit_identical(poison):
     runs = ragged_runs(4)
     if poison == "huge_lr":
@@ -219,50 +163,128 @@ def test_results_do_not_depend_on_the_thread_count():
     for runs in (ragged_runs(3), [RunSpec(train_size=121, init_seed=5)]):
         states = []
         for threads in (1, 2, 3):
-            pop = cpu_population(runs)
+            pop = cpu_population(runs, n_threads=threads)
             for _ in range(5):
-                cpu_engine.step(pop, n_threads=threads)
+                pop.step()
             states.append(torch.cat([pop.flat_params, pop.exp_avg, pop.exp_avg_sq, pop.flat_grads], 1))
         assert torch.equal(states[0], states[1]) and torch.equal(states[0], states[2]), f"M={len(runs)}"
 
 
 def test_training_data_change_rebuilds_the_engine():
     pop = cpu_population(ragged_runs(2))
-    cpu_engine.loss_and_grad(pop)
+    pop.loss_and_grad()
+    built = pop.engine.engine(pop)
+    assert pop.engine.engine(pop) is built, "unchanged data must not rebuild the engine"
     pop.train_labels[0, 0] = (pop.train_labels[0, 0] + 1) % TASK.cfg.n
-    loss = cpu_engine.loss_and_grad(pop)
+    loss = pop.loss_and_grad()
+    assert pop.engine.engine(pop) is not built
     reference = Population(TASK, CFG, ragged_runs(2))
     reference.train_labels[0, 0] = pop.train_labels[0, 0]
     torch.testing.assert_close(loss, reference.loss_and_grad(), rtol=1e-6, atol=0)
 
 
+def engine_args(task=TASK, cfg=CFG, M=1, N=3, **changes):
+    """Keyword arguments of a valid _cpu_engine.Engine (zero data), with ``changes`` applied."""
+    layout, rows = ParamLayout.from_config(cfg), TokenRows(task.cfg.n)
+    x = np.zeros((M, N), dtype=np.int64)
+    args = dict(n=task.cfg.n, d_vocab=cfg.d_vocab, d_model=cfg.d_model, n_heads=cfg.n_heads, d_head=cfg.d_head,
+                d_mlp=cfg.d_mlp, n_ctx=cfg.n_ctx,
+                param_offsets=np.array([layout.offsets[k] for k in PARAM_NAMES] + [layout.P], dtype=np.int64),
+                row_token=rows.token, row_pos=rows.pos, op_row=rows.op_row, first_y_row=rows.first_y_row,
+                eq_row=rows.eq_row, x=x, y=x, labels=x, train_size=np.full(M, N, dtype=np.int64))
+    return {**args, **changes}
+
+
 def test_bad_inputs_are_named():
     from fastgrok import _cpu_engine
 
-    x = np.zeros((1, 3), dtype=np.int64)
-    args = dict(n=11, d_vocab=13, d_model=16, n_heads=2, d_head=8, d_mlp=24, x=x, y=x,
-                train_size=np.array([3], dtype=np.int64))
     with pytest.raises(ValueError, match=r"model 0 example 1: \(x, y, label\) = \(0, 0, 13\)"):
-        _cpu_engine.Engine(labels=np.array([[0, 13, 0]], dtype=np.int64), **args)
+        _cpu_engine.Engine(**engine_args(labels=np.array([[0, 13, 0]], dtype=np.int64)))
     with pytest.raises(TypeError, match="labels: dtype int32, expected int64"):
-        _cpu_engine.Engine(labels=x.astype(np.int32), **args)
+        _cpu_engine.Engine(**engine_args(labels=np.zeros((1, 3), dtype=np.int32)))
+    with pytest.raises(ValueError, match="train_size\\[0\\]=4: must be in 1..3"):
+        _cpu_engine.Engine(**engine_args(train_size=np.array([4], dtype=np.int64)))
     with pytest.raises(ValueError, match="d_vocab=14: must be n \\+ 2 = 13"):
-        _cpu_engine.Engine(labels=x, **{**args, "d_vocab": 14})
-    engine = _cpu_engine.Engine(labels=x, **args)
-    state = np.zeros((1, engine.n_params), dtype=np.float32)
+        _cpu_engine.Engine(**engine_args(d_vocab=14))
+    engine = _cpu_engine.Engine(**engine_args())
+    state = np.zeros((1, ParamLayout.from_config(CFG).P), dtype=np.float32)
     with pytest.raises(ValueError, match=r"grads: shape \(1, 5\), expected \(1, \d+\)"):
         engine.step(state, np.zeros((1, 5), np.float32), state.copy(), state.copy(), lr=None, weight_decay=None,
                     frozen=None, step=0, beta1=0.9, beta2=0.98, eps=1e-8, n_threads=1)
 
 
+def test_constructor_rejects_a_wrong_parameter_layout():
+    """The engine receives fastgrok.layout's offsets and checks each against the
+    shape the dims imply; the message names the entry, its value and why."""
+    from fastgrok import _cpu_engine
+
+    layout = ParamLayout.from_config(CFG)   # D = 16, H = 2, Dh = 8: W_Q..W_V are 256 each
+    good = engine_args()["param_offsets"]
+    k = PARAM_NAMES.index("W_V")
+    gap = good.copy()                       # one entry between W_K and W_V
+    gap[k:] += 1
+    with pytest.raises(ValueError, match=rf"param_offsets\[{k}\] \(W_V\)={good[k] + 1}: expected {good[k]}, "
+                                         rf"W_K \(H, D, Dh\) = \(2, 16, 8\) spans {layout.offsets['W_K']}\.\.{good[k]}"):
+        _cpu_engine.Engine(**engine_args(param_offsets=gap))
+    with pytest.raises(ValueError, match=r"param_offsets\[0\] \(W_E\)=4: expected 0, the row starts with W_E"):
+        _cpu_engine.Engine(**engine_args(param_offsets=good + 4))
+    with pytest.raises(ValueError, match=rf"param_offsets\[11\] \(P\)={layout.P + 1}: expected {layout.P}"):
+        _cpu_engine.Engine(**engine_args(param_offsets=np.append(good[:-1], layout.P + 1)))
+    with pytest.raises(ValueError, match=r"param_offsets: 11 values; expected 12"):
+        _cpu_engine.Engine(**engine_args(param_offsets=good[:-1].copy()))
+    # A layout for another n_ctx: W_pos has 5 rows, so W_Q starts 16 later than the dims say.
+    other = ParamLayout.from_config(ModelConfig.for_task(TASK.cfg, d_model=16, n_heads=2, d_head=8, d_mlp=24, n_ctx=5))
+    with pytest.raises(ValueError, match=r"param_offsets\[2\] \(W_Q\)=\d+: expected \d+, W_pos \(T, D\) = \(4, 16\)"):
+        _cpu_engine.Engine(**engine_args(param_offsets=np.array(
+            [other.offsets[k] for k in PARAM_NAMES] + [other.P], dtype=np.int64)))
+
+
+def test_constructor_rejects_a_row_map_in_another_order():
+    """The engine's algorithm relies on the row order of fastgrok.layout.TokenRows
+    (x rows, operator, y rows, =): another order is refused, naming the value."""
+    from fastgrok import _cpu_engine
+
+    n, rows = TASK.cfg.n, TokenRows(TASK.cfg.n)
+    # The operator row first, then x, y and =: a consistent map, but not the order the engine needs.
+    op_first = dict(row_token=np.concatenate([[rows.op_token], np.arange(n), np.arange(n), [rows.eq_token]]),
+                    row_pos=np.concatenate([[1], np.zeros(n), np.full(n, 2), [3]]).astype(np.int64), op_row=0,
+                    first_y_row=n + 1, eq_row=2 * n + 1)
+    with pytest.raises(ValueError, match=rf"op_row=0: the n={n} x rows come first, so the operator row must be {n}"):
+        _cpu_engine.Engine(**engine_args(**op_first))
+    with pytest.raises(ValueError, match=rf"first_y_row={n + 2}: the y rows must follow the operator row, at {n + 1}"):
+        _cpu_engine.Engine(**engine_args(first_y_row=n + 2))
+    with pytest.raises(ValueError, match=rf"eq_row={2 * n}: the = row must follow the n={n} y rows, at {2 * n + 1}"):
+        _cpu_engine.Engine(**engine_args(eq_row=2 * n))
+    reversed_x = rows.token.copy()
+    reversed_x[:n] = reversed_x[:n][::-1]
+    with pytest.raises(ValueError, match=rf"row_token\[0\]={n - 1}: x row 0 must hold element 0"):
+        _cpu_engine.Engine(**engine_args(row_token=reversed_x))
+    y_at_1 = rows.pos.copy()
+    y_at_1[rows.first_y_row + 3] = 1
+    with pytest.raises(ValueError, match=rf"row_pos\[{rows.first_y_row + 3}\]=1: every y row must be at the y position"):
+        _cpu_engine.Engine(**engine_args(row_pos=y_at_1))
+    eq_first = rows.pos.copy()
+    eq_first[rows.eq_row], eq_first[:n] = 0, 3     # = at position 0, x at 3
+    with pytest.raises(ValueError, match=rf"row_pos\[{rows.eq_row}\]=0: the = row must be at the last position, 3"):
+        _cpu_engine.Engine(**engine_args(row_pos=eq_first))
+    with pytest.raises(ValueError, match=r"row_token\[5\]=13: tokens are 0..12"):
+        _cpu_engine.Engine(**engine_args(row_token=np.where(np.arange(rows.R) == 5, 13, rows.token)))
+    with pytest.raises(ValueError, match=r"row_pos: 23 rows, row_token has 24"):
+        _cpu_engine.Engine(**engine_args(row_pos=rows.pos[:-1].copy()))
+    with pytest.raises(ValueError, match=r"n_ctx=5: a sequence <x> <op> <y> <=> has 4 positions"):
+        _cpu_engine.Engine(**engine_args(n_ctx=5))
+
+
 def test_unavailable_engine_says_why_and_population_falls_back(monkeypatch):
-    assert cpu_engine.available("meta") == (False, "the C++ engine runs on the CPU only; the population is on meta")
+    assert CpuBackend.available(torch.device("meta")) == (
+        False, "the C++ engine runs on the CPU only; the population is on meta")
+    assert CpuBackend.available(torch.device("cpu")) == (True, "")
 
     def missing():
         raise ImportError("No module named 'fastgrok._cpu_engine'")
 
-    monkeypatch.setattr(cpu_engine, "_extension", missing)
-    ok, reason = cpu_engine.available("cpu")
+    monkeypatch.setattr(cpu_module, "_extension", missing)
+    ok, reason = CpuBackend.available(torch.device("cpu"))
     assert not ok and "fastgrok._cpu_engine is not importable" in reason
     with pytest.warns(UserWarning, match="backend 'cpu' unavailable: fastgrok._cpu_engine is not importable"):
         pop = Population(TASK, CFG, ragged_runs(1), backend="cpu")
@@ -283,9 +305,10 @@ SANITIZED_RUN = textwrap.dedent("""
     out = {}
     for dtype in (np.float32, np.float64):
         for threads in (1, 2, 3):  # 3 threads > M = 2 models: the sharded path
-            engine = ext.Engine(n=int(data["n"]), d_vocab=int(data["d_vocab"]), d_model=int(data["d_model"]),
-                                n_heads=int(data["n_heads"]), d_head=int(data["d_head"]), d_mlp=int(data["d_mlp"]),
-                                x=data["x"], y=data["y"], labels=data["labels"], train_size=data["train_size"])
+            engine = ext.Engine(**{k: int(data[k]) for k in ("n", "d_vocab", "d_model", "n_heads", "d_head", "d_mlp",
+                                                             "n_ctx", "op_row", "first_y_row", "eq_row")},
+                                **{k: data[k] for k in ("param_offsets", "row_token", "row_pos", "x", "y", "labels",
+                                                        "train_size")})
             state = [data["params"].astype(dtype)] + [np.zeros_like(data["params"], dtype=dtype) for _ in range(3)]
             for step in range(1, 11):
                 loss, finite = engine.step(*state, lr=data["lr"], weight_decay=data["wd"],
@@ -315,12 +338,11 @@ def test_sanitized_build_trains_without_reports(tmp_path):
     task = Task(TaskConfig("x+y", 13))
     cfg = ModelConfig.for_task(task.cfg, d_model=12, n_heads=3, d_head=4, d_mlp=20)
     runs = [RunSpec(train_size=37, data_seed=1, init_seed=1, lr=2e-3), RunSpec(train_size=150, data_seed=2, init_seed=2)]
-    pop = Population(task, cfg, runs)
+    pop = cpu_population(runs, task=task, cfg=cfg, n_threads=2)
     inputs = tmp_path / "inputs.npz"
-    np.savez(inputs, params=pop.flat_params.numpy(), x=pop.train_x.numpy(), y=pop.train_y.numpy(),
-             labels=pop.train_labels.numpy(), train_size=np.asarray(pop.train_size, dtype=np.int64),
-             lr=pop.lr, wd=pop.weight_decay, n=task.cfg.n, d_vocab=cfg.d_vocab, d_model=cfg.d_model,
-             n_heads=cfg.n_heads, d_head=cfg.d_head, d_mlp=cfg.d_mlp)
+    args = engine_args(task, cfg, x=pop.train_x.numpy(), y=pop.train_y.numpy(), labels=pop.train_labels.numpy(),
+                       train_size=np.asarray(pop.train_size, dtype=np.int64))
+    np.savez(inputs, params=pop.flat_params.numpy(), lr=pop.lr, wd=pop.weight_decay, **args)
     script = tmp_path / "run.py"
     script.write_text(SANITIZED_RUN)
     asan = subprocess.run([COMPILER, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
@@ -334,7 +356,7 @@ def test_sanitized_build_trains_without_reports(tmp_path):
 
     # The instrumented build trains the same models as the optimised one.
     for _ in range(10):
-        cpu_engine.step(pop, n_threads=2)
+        pop.step()
     out = np.load(tmp_path / "out.npz")
     for key in out.files:
         np.testing.assert_allclose(out[key], pop.flat_params.numpy(), rtol=1e-3, atol=1e-5, err_msg=key)
@@ -344,10 +366,10 @@ def test_flop_count_matches_hand_count_at_the_paper_config():
     """Per example 2 * (3*F*V + 12*H*(F + V)) with F = 512, V = 115, H = 4:
     2 * (176640 + 30096) = 413472; the tables do not depend on the examples."""
     cfg = ModelConfig.for_task(TaskConfig("x+y", 113))
-    per_example = cpu_engine.flops_per_model_step(cfg, 2) - cpu_engine.flops_per_model_step(cfg, 1)
+    per_example = CpuBackend.flops_per_model_step(cfg, 2) - CpuBackend.flops_per_model_step(cfg, 1)
     assert per_example == 413472
     # Keys and values alone: 2 products of (R = 228) x (D = 128) x (H*Dh = 128), forward and 2x backward.
-    assert cpu_engine.flops_per_model_step(cfg, 0) > 2 * 3 * 2 * 228 * 128 * 128
+    assert CpuBackend.flops_per_model_step(cfg, 0) > 2 * 3 * 2 * 228 * 128 * 128
 
 
 def torch_vector_lanes(dtype) -> int:
@@ -375,16 +397,16 @@ def test_adamw_is_bit_identical_to_the_batched_engines(dtype, d_mlp):
     runs = ragged_runs(4)
     engine_pop, torch_pop = (Population(task, cfg, runs, backend="cpu", optim_cfg=OptimConfig(warmup_steps=5),
                                         dtype=dtype) for _ in range(2))
-    P = cfg.n_params
+    P = ParamLayout.from_config(cfg).P
     body = P - P % torch_vector_lanes(dtype)
     ulp = torch.finfo(dtype).eps
     for step in range(1, 11):
         for name in ("flat_params", "exp_avg", "exp_avg_sq"):  # same start, so the same gradients
             getattr(torch_pop, name).copy_(getattr(engine_pop, name))
-        cpu_engine.step(engine_pop)
-        cpu_engine.loss_and_grad(torch_pop)
+        engine_pop.step()
+        torch_pop.loss_and_grad()  # the cpu backend's gradients, then the batched engine's AdamW
         torch_pop.step_count += 1
-        torch_pop._adamw(torch_pop.healthy_models())
+        adamw(torch_pop, torch_pop.healthy_models())
         for name in ("flat_params", "exp_avg", "exp_avg_sq"):
             mine, theirs = getattr(engine_pop, name), getattr(torch_pop, name)
             diff = (mine[:, :body] != theirs[:, :body]).nonzero()

@@ -25,7 +25,8 @@ from fastgrok.config import ModelConfig, OptimConfig, RunSpec, TaskConfig
 import fastgrok.export
 from fastgrok.export import (load_reference_model, reference_state_dict, to_transformer_lens,
                              transformer_lens_export, transformer_lens_version, unflatten)
-from fastgrok.model import PARAM_NAMES, Transformer
+from fastgrok.layout import PARAM_NAMES
+from fastgrok.model import Transformer
 from fastgrok.runner import run_experiment
 from fastgrok.schedule import EvalSchedule
 from fastgrok.store import read_params

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from fastgrok.config import ModelConfig, RunSpec, TaskConfig
-from fastgrok.engine import Population
+from fastgrok.population import Population
 from fastgrok.metrics import (CIRCUIT_METRICS, Evaluator, cross_entropy_float64, metric_names,
                               trig_components, trig_part_by_offset)
-from fastgrok.model import PARAM_NAMES, Transformer
+from fastgrok.layout import PARAM_NAMES
+from fastgrok.model import Transformer
 from fastgrok.tasks import Task
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fastgrok.config import ModelConfig
-from fastgrok.model import PARAM_NAMES, Transformer, init_params, stable_cross_entropy, stable_cross_entropy_fwd_bwd
+from fastgrok.layout import PARAM_NAMES
+from fastgrok.model import Transformer, init_params, stable_cross_entropy, stable_cross_entropy_fwd_bwd
 
 TINY = ModelConfig(d_vocab=5, d_model=4, n_heads=1, d_head=3, d_mlp=6)
 

@@ -13,7 +13,7 @@ import pytest
 
 from fastgrok.config import ModelConfig, OptimConfig, RunSpec, TaskConfig
 from fastgrok.metrics import Evaluation, metric_names
-from fastgrok.model import PARAM_NAMES, param_shapes
+from fastgrok.layout import PARAM_NAMES, ParamLayout, param_shapes
 from fastgrok.schedule import EvalSchedule
 from fastgrok.store import (SCHEMA_VERSION, MetricHistory, RunHeader, RunWriter, TrainingState,
                             partial_path, read_params, read_resume_point, read_run, read_snapshots,
@@ -25,7 +25,7 @@ MODEL = ModelConfig.for_task(TASK, d_model=8, n_heads=2, d_head=4, d_mlp=16)
 RUNS = (RunSpec(train_size=20, data_seed=1, init_seed=2, lr=3e-3, weight_decay=0.5),
         RunSpec(train_size=35, data_seed=4, init_seed=5, random_labels=True))
 HEADER = RunHeader("store-test", TASK, MODEL, OptimConfig(betas=(0.9, 0.95)), RUNS, EvalSchedule(5, 20, 10))
-M, P = len(RUNS), MODEL.n_params
+M, P = len(RUNS), ParamLayout.from_config(MODEL).P
 
 
 def make_state(step: int, seed: int, n_params: int = P) -> TrainingState:
@@ -158,7 +158,7 @@ def test_snapshots_accumulate_across_writes(tmp_path):
 # --------------------------------------------------- a write costs what is new
 BIG_MODEL = ModelConfig.for_task(TASK, d_model=32, n_heads=2, d_head=16, d_mlp=128)
 BIG = dataclasses.replace(HEADER, model=BIG_MODEL)
-BIG_P = BIG_MODEL.n_params
+BIG_P = ParamLayout.from_config(BIG_MODEL).P
 SNAPSHOT_BYTES = M * BIG_P * 4
 
 

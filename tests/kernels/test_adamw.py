@@ -1,4 +1,4 @@
-"""Launch 3's AdamW (kernels.adamw) in the interpreter against torch.optim.AdamW."""
+"""Launch 3's AdamW (fastgrok.kernels.adamw) in the interpreter against torch.optim.AdamW."""
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

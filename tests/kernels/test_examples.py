@@ -9,11 +9,12 @@ import torch
 import triton
 import triton.language as tl
 
-import kernels.examples as examples
-
+import fastgrok.kernels.examples as examples
+from fastgrok.backends.torch_engine import TorchBackend, examples_forward, tables_forward
 from fastgrok.config import ModelConfig, RunSpec, TaskConfig
-from fastgrok.engine import Population, examples_forward, tables_forward
-from fastgrok.model import PARAM_NAMES, Transformer
+from fastgrok.layout import PARAM_NAMES
+from fastgrok.model import Transformer
+from fastgrok.population import Population
 from fastgrok.tasks import Task
 
 TASK = Task(TaskConfig(p=7))
@@ -36,8 +37,9 @@ def oracle(pop: Population, m: int) -> tuple[float, dict[str, torch.Tensor]]:
 
 
 def kernel_loss_and_grads(interpreted, pop: Population, programs: int, precision: str = "ieee") -> torch.Tensor:
-    """Run the three launches with lr = 0; losses (M,), gradients land in pop.flat_grads."""
-    L = interpreted.layout.Layout.from_config(CFG)
+    """Run launches 1 and 2 and the table backward (launch 3 without AdamW); losses (M,),
+    gradients land in pop.flat_grads."""
+    L = interpreted.layout.Layout.from_config(CFG, pop.rows)
     ws = interpreted.layout.Workspace.allocate(L, pop.M, "cpu")
     tiles = interpreted.examples.Tiles.build(pop.train_size, TILING["block_n"], "cpu")
     scratch = torch.zeros(programs, interpreted.examples.scratch_floats(L, TILING["block_n"]))
@@ -45,13 +47,9 @@ def kernel_loss_and_grads(interpreted, pop: Population, programs: int, precision
                                                      block_k=TILING["block_k"])
     interpreted.examples.examples_launch(L, pop.flat_params, pop.flat_grads, ws, scratch, pop.train_x, pop.train_y,
                                          pop.train_labels, pop.train_weight, tiles, precision, **TILING)
-    zeros = torch.zeros(pop.M, dtype=torch.float64)
-    hyper = torch.tensor(interpreted.adamw.step_scalars(1, 1.0, (0.9, 0.98)), dtype=torch.float64)
     params_before = pop.flat_params.clone()
-    interpreted.adamw.adamw_launch(L, pop.flat_params, pop.flat_grads, pop.exp_avg, pop.exp_avg_sq, zeros, zeros,
-                                   torch.full((pop.M,), -1, dtype=torch.int32), hyper, ws, (0.9, 0.98), 1e-8,
-                                   precision)
-    assert torch.equal(pop.flat_params, params_before), "lr = 0 and wd = 0 leave the parameters alone"
+    interpreted.tables_backward.tables_backward_launch(L, pop.flat_params, pop.flat_grads, ws, precision)
+    assert torch.equal(pop.flat_params, params_before), "the table backward leaves the parameters alone"
     return ws.loss
 
 
@@ -83,7 +81,9 @@ def test_tiny_losses_keep_their_relative_precision(interpreted):
     D = 8  # fewer examples than d_model: W_U can set every logit exactly
     pop = Population(TASK, CFG, [RunSpec(train_size=D, data_seed=3, init_seed=4)])
     params64 = {k: v.double() for k, v in pop.params.items()}
-    _, cache = examples_forward(params64, pop.rows, tables_forward(params64, pop.rows), pop.train_x, pop.train_y)
+    row_index = TorchBackend().row_index(pop)
+    tab = tables_forward(params64, pop.rows, row_index)
+    _, cache = examples_forward(params64, pop.rows, tab, pop.train_x, pop.train_y)
     target = torch.zeros(D, CFG.d_vocab, dtype=torch.float64)
     target[torch.arange(D), torch.as_tensor(pop.splits[0].train_labels)] = 25.0
     W_U = torch.linalg.lstsq(cache.resid_fin[0], target).solution                 # (D_model, V)

@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from fastgrok.config import ModelConfig, RunSpec, TaskConfig
-from fastgrok.engine import Population
-from fastgrok.model import PARAM_NAMES, Transformer
+from fastgrok.kernels.adamw import adamw_ref
+from fastgrok.kernels.examples import examples_ref
+from fastgrok.kernels.tables_backward import tables_backward_ref
+from fastgrok.kernels.tables_forward import tables_forward_ref
+from fastgrok.layout import PARAM_NAMES, POS_EQ
+from fastgrok.model import Transformer
+from fastgrok.population import Population
 from fastgrok.tasks import Task
-from kernels.adamw import adamw_ref
-from kernels.examples import examples_ref
-from kernels.tables_backward import tables_backward_ref
-from kernels.tables_forward import tables_forward_ref
 
 TASK = Task(TaskConfig(p=7))
 CFG = ModelConfig(d_vocab=TASK.cfg.d_vocab, d_model=12, n_heads=2, d_head=5, d_mlp=24)
@@ -24,12 +25,12 @@ CFG = ModelConfig(d_vocab=TASK.cfg.d_vocab, d_model=12, n_heads=2, d_head=5, d_m
 def test_table_and_example_references_give_the_oracles_loss_and_gradients():
     pop = Population(TASK, CFG, [RunSpec(train_size=d, data_seed=m, init_seed=m) for m, d in enumerate((1, 13))])
     params = {k: v.double() for k, v in pop.params.items()}
-    K, V, S = tables_forward_ref(params, TASK.cfg.n)
+    K, V, S = tables_forward_ref(params, pop.rows)
     # 1/D in float64 (the population keeps it in float32).
     weight = (pop.train_weight > 0) / torch.as_tensor(pop.train_size, dtype=torch.float64).unsqueeze(1)
-    loss, grads, acc = examples_ref(params, TASK.cfg.n, pop.train_x, pop.train_y, pop.train_labels, weight)
+    loss, grads, acc = examples_ref(params, pop.rows, pop.train_x, pop.train_y, pop.train_labels, weight)
     grads |= {k: torch.zeros_like(params[k]) for k in ("W_E", "W_pos", "W_Q", "W_K", "W_V")}
-    tables_backward_ref(params, grads, TASK.cfg.n, acc.dV, acc.dS, acc.dc)
+    tables_backward_ref(params, grads, pop.rows, acc.dV, acc.dS, acc.dc)
     for m in range(pop.M):
         model = Transformer(CFG).double()
         with torch.no_grad():
@@ -42,10 +43,11 @@ def test_table_and_example_references_give_the_oracles_loss_and_gradients():
         for k in PARAM_NAMES:
             torch.testing.assert_close(grads[k][m], getattr(model, k).grad, rtol=1e-10, atol=1e-12,
                                        msg=lambda msg: f"model {m}, {k}: {msg}")
-        q = torch.einsum("d,hde->he", params["W_E"][m, -1] + params["W_pos"][m, 3], params["W_Q"][m])
+        q = torch.einsum("d,hde->he", params["W_E"][m, pop.rows.eq_token] + params["W_pos"][m, POS_EQ],
+                         params["W_Q"][m])
         torch.testing.assert_close(S[m], torch.einsum("rhe,he->rh", K[m].view(*S.shape[1:], -1), q)
                                    / math.sqrt(CFG.d_head))
-        assert V.shape == K.shape == (pop.M, 2 * TASK.cfg.n + 2, CFG.n_heads * CFG.d_head)
+        assert V.shape == K.shape == (pop.M, pop.rows.R, CFG.n_heads * CFG.d_head)
 
 
 def test_adamw_reference_is_torch_adamw():

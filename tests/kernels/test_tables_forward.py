@@ -1,4 +1,4 @@
-"""Launch 1 (kernels.tables_forward) in the interpreter against float64 tables."""
+"""Launch 1 (fastgrok.kernels.tables_forward) in the interpreter against float64 tables."""
 import math
 
 import torch
@@ -6,7 +6,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastgrok.config import ModelConfig
-from fastgrok.model import PARAM_NAMES, init_params
+from fastgrok.layout import PARAM_NAMES
+from fastgrok.model import init_params
 
 # (p, d_model, n_heads, d_head): odd sizes exercise every padded lane.
 SHAPES = [(7, 12, 2, 5), (11, 16, 1, 16), (5, 9, 3, 4)]

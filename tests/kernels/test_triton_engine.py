@@ -1,4 +1,4 @@
-"""fastgrok.triton_engine: whole training runs in the interpreter.
+"""fastgrok.backends.triton_engine: whole training runs in the interpreter.
 
 Compared with the batched PyTorch engine (same population, torch backend) and
 with the reference trainer (fastgrok.train, torch.optim.AdamW), per model and
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from fastgrok.backends import select_backend
 from fastgrok.config import ModelConfig, OptimConfig, RunSpec, TaskConfig
-from fastgrok.engine import Population, resolve_backend
+from fastgrok.population import Population
 from fastgrok.tasks import Task
 from fastgrok.train import train_reference
 
@@ -26,10 +27,9 @@ RUNS = [RunSpec(train_size=1, data_seed=0, init_seed=0, lr=3e-3, weight_decay=0.
 STEPS = 4
 
 
-def triton_population(interpreted, runs):
-    pop = Population(TASK, CFG, runs, OPTIM)
-    interpreted.engine.configure(pop, **TILING)
-    return pop
+def triton_population(interpreted, runs, **options):
+    # Built with the backend object: select_backend refuses the CPU device the interpreter runs on.
+    return Population(TASK, CFG, runs, OPTIM, backend=interpreted.engine.TritonBackend(**(TILING | options)))
 
 
 def assert_rows_close(got: torch.Tensor, want: torch.Tensor, what: str):
@@ -41,7 +41,7 @@ def assert_rows_close(got: torch.Tensor, want: torch.Tensor, what: str):
 def test_training_matches_the_batched_engine_and_the_reference_trainer(interpreted, runs):
     fused, batched = triton_population(interpreted, runs), Population(TASK, CFG, runs, OPTIM)
     for step in range(1, STEPS + 1):
-        loss_fused = interpreted.engine.step(fused)
+        loss_fused = fused.step()
         loss_batched = batched.step()
         assert fused.step_count == batched.step_count == step
         torch.testing.assert_close(loss_fused, loss_batched, rtol=1e-5, atol=1e-7, msg=lambda m: f"step {step}: {m}")
@@ -56,39 +56,20 @@ def test_training_matches_the_batched_engine_and_the_reference_trainer(interpret
                                    msg=lambda msg: f"model {m} against the reference trainer: {msg}")
 
 
-def test_a_nan_model_is_frozen_and_the_others_train_on(interpreted):
-    fused, batched = triton_population(interpreted, RUNS), Population(TASK, CFG, RUNS, OPTIM)
-    interpreted.engine.step(fused)
-    batched.step()
-    for pop in (fused, batched):
-        with torch.no_grad():
-            pop.params["W_in"][1, 0, 0] = float("nan")
-    frozen = fused.flat_params[1].clone()
-    for _ in range(2):
-        loss_fused, loss_batched = interpreted.engine.step(fused), batched.step()
-    assert fused.failed_step.tolist() == batched.failed_step.tolist() == [-1, 2, -1]
-    assert torch.equal(fused.flat_params[1].nan_to_num(), frozen.nan_to_num()), "the NaN model is untouched"
-    assert torch.isnan(loss_fused[1]) and torch.isnan(loss_batched[1])
-    for m in (0, 2):
-        torch.testing.assert_close(loss_fused[m], loss_batched[m], rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(fused.flat_params[m], batched.flat_params[m], rtol=1e-4, atol=2e-6,
-                                   msg=lambda msg: f"healthy model {m}: {msg}")
-
-
 def test_host_changes_to_lr_and_freezing_reach_the_kernels(interpreted):
     fused, batched = triton_population(interpreted, RUNS), Population(TASK, CFG, RUNS, OPTIM)
-    interpreted.engine.step(fused)
+    fused.step()
     batched.step()
     for pop in (fused, batched):
         pop.lr[0] = 5e-2
         pop.failed_step[2] = 1  # frozen by hand, e.g. after a checkpoint says so
-    interpreted.engine.step(fused)
+    fused.step()
     batched.step()
     assert_rows_close(fused.flat_params, batched.flat_params, "parameters")
     assert fused.failed_step.tolist() == [-1, -1, 1]
 
 
-def test_one_step_is_three_launches(interpreted, monkeypatch):
+def test_a_step_and_a_gradient_are_three_launches_each(interpreted, monkeypatch):
     from triton.runtime.interpreter import InterpretedFunction
 
     launched = []
@@ -96,27 +77,57 @@ def test_one_step_is_three_launches(interpreted, monkeypatch):
     monkeypatch.setattr(InterpretedFunction, "run", lambda self, *a, **k: launched.append(self.__name__)
                         or run(self, *a, **k))
     pop = triton_population(interpreted, RUNS)
-    interpreted.engine.step(pop)
+    pop.step()
     assert launched == ["tables_forward_kernel", "examples_kernel", "adamw_kernel"]
+    launched.clear()
+    pop.loss_and_grad()
+    assert launched == ["tables_forward_kernel", "examples_kernel", "tables_backward_kernel"]
 
 
-def test_availability_needs_a_cuda_device_and_the_engine_falls_back(interpreted):
-    ok, reason = interpreted.engine.available("cpu")
+def test_loss_and_grad_updates_nothing_and_matches_the_batched_engine(interpreted):
+    fused, batched = triton_population(interpreted, RUNS), Population(TASK, CFG, RUNS, OPTIM)
+    fused.step()
+    batched.step()
+    before = [t.clone() for t in (fused.flat_params, fused.exp_avg, fused.exp_avg_sq)]
+    loss_fused, loss_batched = fused.loss_and_grad(), batched.loss_and_grad()
+    torch.testing.assert_close(loss_fused, loss_batched, rtol=1e-5, atol=1e-7)
+    assert_rows_close(fused.flat_grads, batched.flat_grads, "gradients")
+    assert all(torch.equal(a, b) for a, b in zip(before, (fused.flat_params, fused.exp_avg, fused.exp_avg_sq)))
+    assert fused.step_count == 1 and (fused.failed_step == -1).all()
+
+
+def test_logits_are_the_batched_engines(interpreted):
+    fused, batched = triton_population(interpreted, RUNS), Population(TASK, CFG, RUNS, OPTIM)
+    torch.testing.assert_close(fused.all_logits([2, 0], slice(0, 9)), batched.all_logits([2, 0], slice(0, 9)))
+
+
+def test_the_device_state_follows_the_population_buffers(interpreted):
+    pop = triton_population(interpreted, RUNS[:1])
+    backend = pop.engine
+    first = backend.device_state(pop)
+    assert backend.device_state(pop) is first
+    pop.train_weight = pop.train_weight.clone()
+    assert backend.device_state(pop) is not first
+
+
+def test_availability_needs_a_cuda_device_and_selection_falls_back(interpreted):
+    ok, reason = interpreted.engine.TritonBackend.available(torch.device("cpu"))
     assert not ok and "CUDA" in reason
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        name, impl = resolve_backend("triton", torch.device("cpu"))
-    assert (name, impl) == ("torch", None)
+        backend = select_backend("triton", torch.device("cpu"), {"triton": {"precision": "ieee"}})
+    assert backend.name == "torch"
     assert any("triton" in str(w.message) and "CUDA" in str(w.message) for w in caught)
 
 
 def test_options_are_checked_and_cuda_graphs_need_a_gpu(interpreted):
     with pytest.raises(ValueError, match="precision='fp16'"):
-        interpreted.engine.Options(precision="fp16")
+        interpreted.engine.TritonBackend(precision="fp16")
     with pytest.raises(ValueError, match="block_n=24"):
-        interpreted.engine.Options(block_n=24)
-    pop = Population(TASK, CFG, RUNS[:1])
-    interpreted.engine.configure(pop, cuda_graph=True, **TILING)
+        interpreted.engine.TritonBackend(block_n=24)
+    with pytest.raises(ValueError, match="programs=0"):
+        interpreted.engine.TritonBackend(programs=0)
+    pop = triton_population(interpreted, RUNS[:1], cuda_graph=True)
     with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
-        interpreted.engine.step(pop)
+        pop.step()
     assert pop.step_count == 0 and np.array_equal(pop.failed_step, [-1]), "a refused step changes nothing"

@@ -9,10 +9,11 @@ have. Grid: a persistent one, ``programs`` programs (one per SM by default)
 that take tiles in turn; model-major order keeps the tiles running at the
 same time on few models, whose weights (0.9 MB at the paper config) stay in L2.
 
-Per example only the last position is computed (fastgrok.engine docstring);
+Per example only the last position is computed (fastgrok.backends.torch_engine docstring);
 its four attention scores and values are gathered from launch 1's row tables:
 
     a = softmax_4(S_tab[x-row], S_tab[op], S_tab[y-row], S_tab[=])  per head
+      (x-row = x, y-row = FIRST_Y_ROW + y; OP_ROW, EQ_ROW from fastgrok.layout.TokenRows)
     z = sum_t a_t V_tab[row_t]                         (H*Dh,)
     resid_mid = c + z W_O,  hidden = relu(resid_mid W_in + b_in)
     resid_fin = resid_mid + hidden W_out + b_out,  logits = resid_fin W_U
@@ -23,7 +24,7 @@ wrong-class mass when the label is the argmax, the label's gradient
 and rescaled wrong-class mass, then the gradient; the logits are computed
 twice, +3% FLOPs), scaled by the example's weight 1/D_m, and the backward pass.
 
-Every matmul is a chain link (kernels.layout.gemm): an output chunk of
+Every matmul is a chain link (fastgrok.kernels.layout.gemm): an output chunk of
 BLOCK_C columns at a time, its operands streamed from memory BLOCK_K at a
 time. The tile's activations (z, resid_mid, hidden then dpre, resid_fin then
 dresid, dlogits, d resid_mid: BLOCK_N x 1152 floats at the paper config,
@@ -37,7 +38,7 @@ Weight gradients of W_O, W_in, b_in, W_out, b_out, W_U and the row-table
 gradients dV, dS, dc are summed over tiles with fp32 atomics (relaxed; the
 summation order, hence the last bits, varies from run to run on a GPU), as are
 the model's loss and the checksum of every contribution. The gradients of
-W_E..W_V follow in launch 3 (kernels.tables_backward).
+W_E..W_V follow in launch 3 (fastgrok.kernels.tables_backward).
 
 Limits: n_ctx = 4; dimensions are padded to powers of two and masked; exp,
 log and division use the GPU's fast fp32 instructions (a few ulp). The
@@ -53,20 +54,21 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastgrok.engine import TableGrads, TokenRows, examples_backward, examples_forward, tables_forward
-from fastgrok.model import PARAM_NAMES, stable_cross_entropy_fwd_bwd
-from kernels.layout import Layout, Workspace, gemm, launch_options
+from fastgrok.backends.torch_engine import TableGrads, examples_backward, examples_forward, tables_forward
+from fastgrok.kernels.layout import Layout, Workspace, gemm, launch_options
+from fastgrok.layout import PARAM_NAMES, TokenRows
+from fastgrok.model import stable_cross_entropy_fwd_bwd
 
 
-def examples_ref(params: dict[str, Tensor], n: int, x: Tensor, y: Tensor, labels: Tensor,
+def examples_ref(params: dict[str, Tensor], rows: TokenRows, x: Tensor, y: Tensor, labels: Tensor,
                  weight: Tensor) -> tuple[Tensor, dict[str, Tensor], TableGrads]:
     """Loss (M,), the gradients of W_O..W_U and the row-table gradients, in plain torch.
 
     The batched engine's functions on examples x, y, labels, weight (M, N);
     returns grads as a dict of (M, ...) tensors and dV (M*R, H, Dh), dS (M*R, H), dc (M, D).
     """
-    rows = TokenRows(n, x.device)
-    tab = tables_forward(params, rows)
+    tab = tables_forward(params, rows, (torch.as_tensor(rows.token, device=x.device),
+                                        torch.as_tensor(rows.pos, device=x.device)))
     M = x.shape[0]
     _, R, H, Dh = tab.V_tab.shape
     logits, cache = examples_forward(params, rows, tab, x, y)
@@ -95,13 +97,13 @@ def _log1p(x):
 
 
 @triton.jit
-def _head_attention(S_tab, V_tab, row_x, row_y, h, lanes, mask_l, n: tl.constexpr, H: tl.constexpr,
-                    Dh: tl.constexpr):
+def _head_attention(S_tab, V_tab, row_x, row_y, h, lanes, mask_l, OP_ROW: tl.constexpr, EQ_ROW: tl.constexpr,
+                    H: tl.constexpr, Dh: tl.constexpr):
     """Head h's softmax weights a_t (BLOCK_N,) and gathered values (BLOCK_N or 1, BLOCK_DH)."""
     s0 = tl.load(S_tab + row_x * H + h)
-    s1 = tl.load(S_tab + n * H + h)
+    s1 = tl.load(S_tab + OP_ROW * H + h)
     s2 = tl.load(S_tab + row_y * H + h)
-    s3 = tl.load(S_tab + (2 * n + 1) * H + h)
+    s3 = tl.load(S_tab + EQ_ROW * H + h)
     top = tl.maximum(tl.maximum(s0, s1), tl.maximum(s2, s3))
     a0 = tl.exp(s0 - top)
     a1 = tl.exp(s1 - top)
@@ -111,14 +113,14 @@ def _head_attention(S_tab, V_tab, row_x, row_y, h, lanes, mask_l, n: tl.constexp
     cols = h * Dh + lanes
     Vx = tl.load(V_tab + row_x[:, None] * (H * Dh) + cols[None, :], mask=mask_l[None, :], other=0.0)
     Vy = tl.load(V_tab + row_y[:, None] * (H * Dh) + cols[None, :], mask=mask_l[None, :], other=0.0)
-    V_op = tl.load(V_tab + n * (H * Dh) + cols, mask=mask_l, other=0.0)[None, :]
-    V_eq = tl.load(V_tab + (2 * n + 1) * (H * Dh) + cols, mask=mask_l, other=0.0)[None, :]
+    V_op = tl.load(V_tab + OP_ROW * (H * Dh) + cols, mask=mask_l, other=0.0)[None, :]
+    V_eq = tl.load(V_tab + EQ_ROW * (H * Dh) + cols, mask=mask_l, other=0.0)[None, :]
     return a0 / total, a1 / total, a2 / total, a3 / total, Vx, V_op, Vy, V_eq
 
 
 @triton.jit
 def _tile_examples(tile, m, x_ptr, y_ptr, label_ptr, weight_ptr, stride_data, tile_start_ptr, train_size_ptr,
-                   n: tl.constexpr, BLOCK_N: tl.constexpr):
+                   FIRST_Y_ROW: tl.constexpr, BLOCK_N: tl.constexpr):
     """x-row, y-row, label, weight and validity of the tile's BLOCK_N example slots.
 
     Slots past the model's D_m examples repeat its last example with weight 0.
@@ -128,7 +130,7 @@ def _tile_examples(tile, m, x_ptr, y_ptr, label_ptr, weight_ptr, stride_data, ti
     mask_n = offs_n < size
     example = m * stride_data + tl.minimum(offs_n, size - 1)
     row_x = tl.load(x_ptr + example).to(tl.int32)
-    row_y = tl.load(y_ptr + example).to(tl.int32) + n + 1
+    row_y = tl.load(y_ptr + example).to(tl.int32) + FIRST_Y_ROW
     label = tl.load(label_ptr + example).to(tl.int32)
     w = tl.load(weight_ptr + example, mask=mask_n, other=0.0)
     return row_x, row_y, label, w, mask_n
@@ -158,14 +160,14 @@ def examples_kernel(
     params_ptr, grads_ptr, V_ptr, S_ptr, dV_ptr, dS_ptr, dc_ptr, loss_ptr, check_ptr, scratch_ptr,
     x_ptr, y_ptr, label_ptr, weight_ptr, stride_data, tile_model_ptr, tile_start_ptr, train_size_ptr, n_tiles,
     D: tl.constexpr, H: tl.constexpr, Dh: tl.constexpr, F: tl.constexpr, V: tl.constexpr,
+    R: tl.constexpr, OP_ROW: tl.constexpr, FIRST_Y_ROW: tl.constexpr, EQ_ROW: tl.constexpr,
+    EQ_TOKEN: tl.constexpr, EQ_POS: tl.constexpr,
     OFF_W_E: tl.constexpr, OFF_W_pos: tl.constexpr, OFF_W_Q: tl.constexpr, OFF_W_K: tl.constexpr,
     OFF_W_V: tl.constexpr, OFF_W_O: tl.constexpr, OFF_W_in: tl.constexpr, OFF_b_in: tl.constexpr,
     OFF_W_out: tl.constexpr, OFF_b_out: tl.constexpr, OFF_W_U: tl.constexpr, P: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DH: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    n: tl.constexpr = V - 2
-    R: tl.constexpr = 2 * n + 2
     HD: tl.constexpr = H * Dh
     # This program's scratch: (BLOCK_N, .) activations of its current tile.
     Z: tl.constexpr = 0                      # z, attention output     (BLOCK_N, HD)
@@ -194,10 +196,10 @@ def examples_kernel(
 
         # z = sum_t a_t V_tab[row_t], a = softmax over the 4 positions, per head.
         row_x, row_y, _, _, _ = _tile_examples(tile, m, x_ptr, y_ptr, label_ptr, weight_ptr, stride_data,
-                                               tile_start_ptr, train_size_ptr, n, BLOCK_N)
+                                               tile_start_ptr, train_size_ptr, FIRST_Y_ROW, BLOCK_N)
         for h in range(H):
             a0, a1, a2, a3, Vx, V_op, Vy, V_eq = _head_attention(S_tab, V_tab, row_x, row_y, h, lanes, mask_l,
-                                                                 n, H, Dh)
+                                                                 OP_ROW, EQ_ROW, H, Dh)
             z = a0[:, None] * Vx + a1[:, None] * V_op + a2[:, None] * Vy + a3[:, None] * V_eq
             tl.store(scratch + Z + rows[:, None] * HD + (h * Dh + lanes)[None, :], z, mask=mask_l[None, :])
         tl.debug_barrier()
@@ -206,8 +208,8 @@ def examples_kernel(
         for j0 in range(0, D, BLOCK_C):
             offs_j = j0 + chunk
             mask_j = offs_j < D
-            c = (tl.load(p + OFF_W_E + (n + 1) * D + offs_j, mask=mask_j, other=0.0)
-                 + tl.load(p + OFF_W_pos + 3 * D + offs_j, mask=mask_j, other=0.0))
+            c = (tl.load(p + OFF_W_E + EQ_TOKEN * D + offs_j, mask=mask_j, other=0.0)
+                 + tl.load(p + OFF_W_pos + EQ_POS * D + offs_j, mask=mask_j, other=0.0))
             acc = gemm(tl.zeros((BLOCK_N, BLOCK_C), tl.float32) + c[None, :], scratch + Z, HD, 1, rows, all_rows,
                        p + OFF_W_O, D, 1, offs_j, mask_j, HD, BLOCK_K, PRECISION)
             tl.store(scratch + RM + rows[:, None] * D + offs_j[None, :], acc, mask=mask_j[None, :])
@@ -239,7 +241,7 @@ def examples_kernel(
         # max, the label's logit and the wrong-class mass rescaled to the max, so
         # the loss is fastgrok.model.stable_cross_entropy_fwd_bwd's.
         _, _, label, w, _ = _tile_examples(tile, m, x_ptr, y_ptr, label_ptr, weight_ptr, stride_data,
-                                           tile_start_ptr, train_size_ptr, n, BLOCK_N)
+                                           tile_start_ptr, train_size_ptr, FIRST_Y_ROW, BLOCK_N)
         top = tl.full((BLOCK_N,), float("-inf"), tl.float32)
         other = tl.zeros((BLOCK_N,), tl.float32)
         z_label = tl.zeros((BLOCK_N,), tl.float32)
@@ -338,13 +340,13 @@ def examples_kernel(
         dV_tab = dV_ptr + m * (R * HD)
         dS_tab = dS_ptr + m * (R * H)
         row_x, row_y, _, _, mask_n = _tile_examples(tile, m, x_ptr, y_ptr, label_ptr, weight_ptr, stride_data,
-                                                    tile_start_ptr, train_size_ptr, n, BLOCK_N)
+                                                    tile_start_ptr, train_size_ptr, FIRST_Y_ROW, BLOCK_N)
         mask_nl = mask_n[:, None] & mask_l[None, :]
         for h in range(H):
             dz = gemm(tl.zeros((BLOCK_N, BLOCK_DH), tl.float32), scratch + DRM, D, 1, rows, all_rows,
                       p + OFF_W_O + h * Dh * D, 1, D, lanes, mask_l, D, BLOCK_K, PRECISION)
             a0, a1, a2, a3, Vx, V_op, Vy, V_eq = _head_attention(S_tab, V_tab, row_x, row_y, h, lanes, mask_l,
-                                                                 n, H, Dh)
+                                                                 OP_ROW, EQ_ROW, H, Dh)
             da0 = tl.sum(dz * Vx, axis=1)
             da1 = tl.sum(dz * V_op, axis=1)
             da2 = tl.sum(dz * Vy, axis=1)
@@ -357,16 +359,16 @@ def examples_kernel(
             dV_eq = tl.sum(a3[:, None] * dz, axis=0)
             tl.atomic_add(dV_tab + row_x[:, None] * HD + cols[None, :], dVx, mask=mask_nl, sem="relaxed")
             tl.atomic_add(dV_tab + row_y[:, None] * HD + cols[None, :], dVy, mask=mask_nl, sem="relaxed")
-            tl.atomic_add(dV_tab + n * HD + cols, dV_op, mask=mask_l, sem="relaxed")
-            tl.atomic_add(dV_tab + (2 * n + 1) * HD + cols, dV_eq, mask=mask_l, sem="relaxed")
+            tl.atomic_add(dV_tab + OP_ROW * HD + cols, dV_op, mask=mask_l, sem="relaxed")
+            tl.atomic_add(dV_tab + EQ_ROW * HD + cols, dV_eq, mask=mask_l, sem="relaxed")
             ds_x = tl.where(mask_n, a0 * (da0 - mean_da), 0.0)
             ds_y = tl.where(mask_n, a2 * (da2 - mean_da), 0.0)
             ds_op = tl.sum(a1 * (da1 - mean_da), axis=0)
             ds_eq = tl.sum(a3 * (da3 - mean_da), axis=0)
             tl.atomic_add(dS_tab + row_x * H + h, ds_x, mask=mask_n, sem="relaxed")
             tl.atomic_add(dS_tab + row_y * H + h, ds_y, mask=mask_n, sem="relaxed")
-            tl.atomic_add(dS_tab + n * H + h, ds_op, sem="relaxed")
-            tl.atomic_add(dS_tab + (2 * n + 1) * H + h, ds_eq, sem="relaxed")
+            tl.atomic_add(dS_tab + OP_ROW * H + h, ds_op, sem="relaxed")
+            tl.atomic_add(dS_tab + EQ_ROW * H + h, ds_eq, sem="relaxed")
             checksum += (tl.sum(tl.sum(dVx + dVy, axis=1), axis=0) + tl.sum(dV_op + dV_eq, axis=0)
                          + tl.sum(ds_x + ds_y, axis=0) + ds_op + ds_eq)
 
@@ -433,7 +435,8 @@ def examples_args(layout: Layout, params: Tensor, grads: Tensor, ws: Workspace, 
         loss_ptr=ws.loss, check_ptr=ws.check, scratch_ptr=scratch, x_ptr=x, y_ptr=y, label_ptr=labels,
         weight_ptr=weight, stride_data=x.stride(0), tile_model_ptr=tiles.model, tile_start_ptr=tiles.start,
         train_size_ptr=tiles.train_size, n_tiles=tiles.count,
-        **layout.dims, **layout.offset_args(*PARAM_NAMES),
+        **layout.dims, **layout.row_args("R", "OP_ROW", "FIRST_Y_ROW", "EQ_ROW", "EQ_TOKEN", "EQ_POS"),
+        **layout.offset_args(*PARAM_NAMES),
         BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_DH=layout.block_dh,
         PRECISION=precision, **launch_options("examples", precision, arch),
     )

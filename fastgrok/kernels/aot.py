@@ -28,10 +28,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from fastgrok.config import ModelConfig
-from kernels.adamw import adamw_args, adamw_kernel
-from kernels.examples import Tiles, examples_args, examples_kernel, scratch_floats
-from kernels.layout import Layout, Workspace
-from kernels.tables_forward import tables_forward_args, tables_forward_kernel
+from fastgrok.kernels.adamw import adamw_args, adamw_kernel
+from fastgrok.kernels.examples import Tiles, examples_args, examples_kernel, scratch_floats
+from fastgrok.kernels.layout import Layout, Workspace
+from fastgrok.kernels.tables_backward import tables_backward_args, tables_backward_kernel
+from fastgrok.kernels.tables_forward import tables_forward_args, tables_forward_kernel
 
 # Largest shared memory a block may use (opt-in maximum), bytes.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -148,3 +149,12 @@ def step_launches(cfg: ModelConfig, precision: str, arch: int, **tiling) -> list
 def step_resources(cfg: ModelConfig, arch: int, precision: str, **tiling) -> list[Resources]:
     """Resources of each launch of one training step, compiled for sm_<arch>."""
     return [compile_kernel(fn, kwargs, arch)[1] for fn, kwargs in step_launches(cfg, precision, arch, **tiling)]
+
+
+def tables_backward_resources(cfg: ModelConfig, arch: int, precision: str) -> Resources:
+    """Resources of the table backward launched alone (a loss and gradient without an update)."""
+    layout = Layout.from_config(cfg)
+    params = torch.zeros(2, layout.P)
+    _, kwargs = tables_backward_args(layout, params, params, Workspace.allocate(layout, 2, "cpu"), precision,
+                                     arch=arch)
+    return compile_kernel(tables_backward_kernel, kwargs, arch)[1]

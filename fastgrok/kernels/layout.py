@@ -1,12 +1,12 @@
-"""What every fused kernel agrees on: the flat parameter layout, the padded
-block shapes, the (token, position) rows and the matmul precision.
+"""What every fused kernel agrees on: the layout they are given, the padded
+block shapes, the matmul precision, launch options and the per-step workspace.
 
 Kernels see a model's parameters as one row of the population's flat (M, P)
-buffer, in ``fastgrok.model.PARAM_NAMES`` order; ``Layout`` turns a
-``ModelConfig`` into the offsets of each parameter in that row and into the
-dimensions the kernels take as constexprs; blocks are powers of two (what
-``tl.arange`` needs), and a padded lane is masked on every load and store, so
-it reads zeros and writes nothing.
+buffer and its (token, position) rows as ``fastgrok.layout`` defines them:
+``Layout`` hands them a ``ParamLayout``'s offsets and a ``TokenRows``'s row
+numbers as constexprs (``offset_args``, ``row_args``), with the dimensions;
+blocks are powers of two (what ``tl.arange`` needs), and a padded lane is
+masked on every load and store, so it reads zeros and writes nothing.
 
 Every matmul is done a head or a chunk at a time (``gemm`` below), so that no
 operand is larger than about (64, 32) fp32: Triton keeps a dot's operands in
@@ -17,12 +17,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from fastgrok.config import ModelConfig
-from fastgrok.model import PARAM_NAMES, param_shapes
+from fastgrok.layout import N_CTX, POS_EQ, POS_OP, POS_X, POS_Y, ParamLayout, TokenRows
 
 # Matmul input precisions. "ieee" is fp32 FMA on the CUDA cores; "tf32x3" splits each
 # fp32 operand into two tf32 parts and keeps three of the four products
@@ -44,11 +46,14 @@ LAUNCH_OPTIONS = {
     "tables_forward": dict(num_warps=4, num_stages=3),
     "examples": dict(num_warps=8, num_stages=3),
     "adamw": dict(num_warps=4, num_stages=3),
+    # Launched alone (a gradient without an update), not as launch 3's block 0.
+    "tables_backward": dict(num_warps=4, num_stages=1),
 }
 LAUNCH_EXCEPTIONS = {
     ("examples", "ieee", 90): dict(num_stages=1),
     ("adamw", "ieee", 90): dict(num_stages=1, maxnreg=128),
     ("adamw", "tf32", 90): dict(num_stages=1),
+    ("tables_backward", "ieee", 80): dict(num_stages=3),
 }
 ARCHS = (80, 90)
 
@@ -63,39 +68,52 @@ def launch_options(kernel: str, precision: str, arch: int) -> dict:
     return {**LAUNCH_OPTIONS[kernel], **LAUNCH_EXCEPTIONS.get((kernel, precision, measured), {})}
 
 
+# The row constexprs a kernel may take: TokenRows.constexprs() and the operator's
+# token and the positions the table kernels gather W_pos rows with.
+ROW_ARGS = ("R", "OP_ROW", "FIRST_Y_ROW", "EQ_ROW", "OP_TOKEN", "EQ_TOKEN", "POS_X", "POS_OP", "POS_Y", "EQ_POS")
+
+
 @dataclass(frozen=True)
 class Layout:
-    """Offsets into a model's flat parameter row, and the model's dimensions.
+    """``fastgrok.layout``'s parameter row and token rows, as the kernels take them.
 
-    n elements, V = n + 2 vocabulary, R = 2n + 2 (token, position) rows.
+    ``params`` (offsets, P) and ``rows`` (R and every row number) are the
+    layout module's own objects; nothing here re-derives them. What is added
+    is kernel-specific: the dimensions, the padded head width and the score
+    scale as constexprs.
     """
 
+    params: ParamLayout
+    rows: TokenRows
     D: int
     H: int
     Dh: int
     F: int
     V: int
-    offsets: dict
-    P: int
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> "Layout":
-        if cfg.n_ctx != 4:
-            raise ValueError(f"n_ctx={cfg.n_ctx}: the fused kernels assume <x> <op> <y> <=> (4 positions)")
-        offsets, start = {}, 0
-        for name, shape in param_shapes(cfg).items():
-            offsets[name] = start
-            start += math.prod(shape)
-        assert tuple(offsets) == PARAM_NAMES
-        return cls(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp, cfg.d_vocab, offsets, start)
+    def from_config(cls, cfg: ModelConfig, rows: TokenRows | None = None) -> "Layout":
+        """The kernels' layout of ``cfg``; ``rows`` default to a task of d_vocab - 2 elements (op and = follow)."""
+        if cfg.n_ctx != N_CTX:
+            raise ValueError(f"n_ctx={cfg.n_ctx}: the fused kernels assume <x> <op> <y> <=> ({N_CTX} positions)")
+        rows = TokenRows(cfg.d_vocab - 2) if rows is None else rows
+        if rows.token.max() >= cfg.d_vocab:
+            raise ValueError(f"token rows of n={rows.n} elements need more than d_vocab={cfg.d_vocab} tokens")
+        _check_row_order(rows)
+        return cls(ParamLayout.from_config(cfg), rows, cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp,
+                   cfg.d_vocab)
 
     @property
-    def n(self) -> int:
-        return self.V - 2
+    def offsets(self) -> dict[str, int]:
+        return self.params.offsets
+
+    @property
+    def P(self) -> int:
+        return self.params.P
 
     @property
     def R(self) -> int:
-        return 2 * self.n + 2
+        return self.rows.R
 
     @property
     def scale(self) -> float:
@@ -115,13 +133,41 @@ class Layout:
         """{"OFF_W_E": ..., ...} for the named parameters, plus the row length P."""
         return {f"OFF_{k}": self.offsets[k] for k in names} | {"P": self.P}
 
+    def check_flat(self, **buffers: Tensor) -> int:
+        """M of the named (M, P) buffers, which must be contiguous float32 with one row per model."""
+        M = next(iter(buffers.values())).shape[0]
+        for name, t in buffers.items():
+            if not t.is_contiguous() or t.shape != (M, self.P) or t.dtype != torch.float32:
+                raise ValueError(f"{name}: expected a contiguous float32 tensor of shape {(M, self.P)}, "
+                                 f"got {t.dtype} {tuple(t.shape)} (contiguous={t.is_contiguous()})")
+        return M
+
+    def row_args(self, *names: str) -> dict:
+        """The named row constexprs (all of ROW_ARGS by default), from ``rows``."""
+        every = self.rows.constexprs() | dict(OP_TOKEN=self.rows.op_token, POS_X=POS_X, POS_OP=POS_OP, POS_Y=POS_Y)
+        return {k: every[k] for k in names or ROW_ARGS}
+
+
+def _check_row_order(rows: TokenRows) -> None:
+    """The kernels take every row number from ``rows`` but rely on their order
+    (fastgrok.layout): the token and position ``row_token_pos`` gives each row,
+    mirrored here, must be TokenRows's."""
+    r = np.arange(rows.R)
+    x_rows, op_row, y_rows = r < rows.op_row, r == rows.op_row, r < rows.eq_row
+    token = np.where(x_rows, r, np.where(op_row, rows.op_token, np.where(y_rows, r - rows.first_y_row, rows.eq_token)))
+    pos = np.where(x_rows, POS_X, np.where(op_row, POS_OP, np.where(y_rows, POS_Y, POS_EQ)))
+    if not (np.array_equal(token, rows.token) and np.array_equal(pos, rows.pos)):
+        raise ValueError(f"TokenRows(n={rows.n}) are not in the order the fused kernels assume "
+                         "(x rows, the operator, y rows, '=')")
+
 
 @triton.jit
-def row_token_pos(r, n: tl.constexpr):
-    """Token and position of (token, position) row r (fastgrok.engine.TokenRows)."""
-    first_y, eq_row = n + 1, 2 * n + 1
-    token = tl.where(r < n, r, tl.where(r == n, n, tl.where(r < eq_row, r - first_y, n + 1)))
-    pos = tl.where(r < n, 0, tl.where(r == n, 1, tl.where(r < eq_row, 2, 3)))
+def row_token_pos(r, OP_ROW: tl.constexpr, FIRST_Y_ROW: tl.constexpr, EQ_ROW: tl.constexpr, OP_TOKEN: tl.constexpr,
+                  EQ_TOKEN: tl.constexpr, POS_X: tl.constexpr, POS_OP: tl.constexpr, POS_Y: tl.constexpr,
+                  EQ_POS: tl.constexpr):
+    """Token and position of (token, position) row r: x rows (row = element), the operator, y rows, '='."""
+    token = tl.where(r < OP_ROW, r, tl.where(r == OP_ROW, OP_TOKEN, tl.where(r < EQ_ROW, r - FIRST_Y_ROW, EQ_TOKEN)))
+    pos = tl.where(r < OP_ROW, POS_X, tl.where(r == OP_ROW, POS_OP, tl.where(r < EQ_ROW, POS_Y, EQ_POS)))
     return token, pos
 
 
@@ -146,7 +192,7 @@ class Workspace:
     used K. loss: (M,) mean training loss. check: (M,) the sum of every
     gradient contribution of launch 2 and check_tab: (M, row blocks) the sum of
     launch 1's tables, one slot per program: together non-finite iff a
-    gradient would be (barring float32 overflow), the test Population.step
+    gradient would be (barring float32 overflow), the test the torch backend's step
     applies to its gradients, known before launch 3 computes the last ones.
     """
 

@@ -7,7 +7,7 @@ torch.optim.AdamW semantics (decoupled weight decay on every parameter):
     p  <- p - (lr / bc1) m1 / (sqrt(m2) / sqrt(bc2) + eps),  bc_i = 1 - b_i^step
 
 Grid (M, 1 + cdiv(P - OFF_W_O, BLOCK)). Block 0 of model m first computes
-the gradients of W_E..W_V from the row tables (kernels.tables_backward) and
+the gradients of W_E..W_V from the row tables (fastgrok.kernels.tables_backward) and
 then updates those parameters; block b > 0 updates BLOCK parameters of
 W_O..W_U, whose gradients launch 2 completed. Element-wise, a parameter costs
 7 fp32 words of memory traffic and nothing stays on chip. lr is the model's
@@ -15,7 +15,7 @@ base lr times the warm-up factor of this step.
 
 Failure isolation: a model is updated only if it is healthy, i.e. it was not
 frozen before (``failed`` < 0) and this step's loss and gradient checksums
-(kernels.layout.Workspace) are finite. Every program of a model computes the
+(fastgrok.kernels.layout.Workspace) are finite. Every program of a model computes the
 same decision from the same inputs. A model that turns non-finite now is
 frozen: block 0 writes the step into ``failed``; every program of the model
 skips its loads and stores. (The other programs may read ``failed`` before or
@@ -34,13 +34,12 @@ from __future__ import annotations
 
 import math
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.layout import Layout, Workspace, launch_options
-from kernels.tables_backward import tables_backward_tail
+from fastgrok.kernels.layout import Layout, Workspace, launch_options
+from fastgrok.kernels.tables_backward import tables_backward_tail
 
 
 def adamw_ref(params: Tensor, grads: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, lr: Tensor, wd: Tensor,
@@ -82,7 +81,9 @@ def _adamw_block(params_ptr, grads_ptr, exp_avg_ptr, exp_avg_sq_ptr, offs, mask,
 def adamw_kernel(
     params_ptr, grads_ptr, exp_avg_ptr, exp_avg_sq_ptr, lr_ptr, wd_ptr, failed_ptr, hyper_ptr,
     loss_ptr, check_ptr, check_tab_ptr, K_ptr, q_ptr, dV_ptr, dS_ptr, dq_ptr, dc_ptr, Rt_ptr,
-    D: tl.constexpr, H: tl.constexpr, Dh: tl.constexpr, V: tl.constexpr,
+    D: tl.constexpr, H: tl.constexpr, Dh: tl.constexpr,
+    R: tl.constexpr, OP_ROW: tl.constexpr, FIRST_Y_ROW: tl.constexpr, EQ_ROW: tl.constexpr, OP_TOKEN: tl.constexpr,
+    EQ_TOKEN: tl.constexpr, POS_X: tl.constexpr, POS_OP: tl.constexpr, POS_Y: tl.constexpr, EQ_POS: tl.constexpr,
     OFF_W_E: tl.constexpr, OFF_W_pos: tl.constexpr, OFF_W_Q: tl.constexpr, OFF_W_K: tl.constexpr,
     OFF_W_V: tl.constexpr, OFF_W_O: tl.constexpr, P: tl.constexpr, NUM_RB: tl.constexpr, BLOCK_RB: tl.constexpr,
     BETA1: tl.constexpr, BETA2: tl.constexpr, EPS: tl.constexpr, WITH_TABLE_GRADS: tl.constexpr,
@@ -111,7 +112,8 @@ def adamw_kernel(
         tl.store(failed_ptr + m, step, mask=(failed < 0) & (finite == 0))
         if WITH_TABLE_GRADS:
             tables_backward_tail(m, params_ptr, grads_ptr, K_ptr, q_ptr, dV_ptr, dS_ptr, dq_ptr, dc_ptr, Rt_ptr,
-                                 D, H, Dh, V, OFF_W_E, OFF_W_pos, OFF_W_Q, OFF_W_K, OFF_W_V, P,
+                                 D, H, Dh, R, OP_ROW, FIRST_Y_ROW, EQ_ROW, OP_TOKEN, EQ_TOKEN, POS_X, POS_OP,
+                                 POS_Y, EQ_POS, OFF_W_E, OFF_W_pos, OFF_W_Q, OFF_W_K, OFF_W_V, P,
                                  BLOCK_R, BLOCK_C, BLOCK_DH, SCALE, PRECISION)
             tl.debug_barrier()  # the gradients just written are read by other threads below
         for start in range(0, OFF_W_O, BLOCK):
@@ -135,17 +137,13 @@ def adamw_args(layout: Layout, params: Tensor, grads: Tensor, exp_avg: Tensor, e
     the table backward's tiles (small: it runs once per model, and small tiles
     keep its registers low). arch: compute capability x10, picks launch options.
     """
-    M, P = params.shape
-    for name, t in (("grads", grads), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("params", params)):
-        if not t.is_contiguous() or t.shape != (M, layout.P) or t.dtype != torch.float32:
-            raise ValueError(f"{name}: expected a contiguous float32 tensor of shape {(M, layout.P)}, "
-                             f"got {t.dtype} {tuple(t.shape)} (contiguous={t.is_contiguous()})")
+    M = layout.check_flat(params=params, grads=grads, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
     num_rb = ws.check_tab.shape[1]
-    return (M, 1 + triton.cdiv(P - layout.offsets["W_O"], block)), dict(
+    return (M, 1 + triton.cdiv(layout.P - layout.offsets["W_O"], block)), dict(
         params_ptr=params, grads_ptr=grads, exp_avg_ptr=exp_avg, exp_avg_sq_ptr=exp_avg_sq, lr_ptr=lr, wd_ptr=wd,
         failed_ptr=failed, hyper_ptr=hyper, loss_ptr=ws.loss, check_ptr=ws.check, check_tab_ptr=ws.check_tab,
         K_ptr=ws.K, q_ptr=ws.q, dV_ptr=ws.dV, dS_ptr=ws.dS, dq_ptr=ws.dq, dc_ptr=ws.dc, Rt_ptr=ws.Rt,
-        D=layout.D, H=layout.H, Dh=layout.Dh, V=layout.V,
+        D=layout.D, H=layout.H, Dh=layout.Dh, **layout.row_args(),
         **layout.offset_args("W_E", "W_pos", "W_Q", "W_K", "W_V", "W_O"),
         NUM_RB=num_rb, BLOCK_RB=triton.next_power_of_2(num_rb),
         BETA1=betas[0], BETA2=betas[1], EPS=eps, WITH_TABLE_GRADS=with_table_grads,

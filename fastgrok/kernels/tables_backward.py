@@ -1,8 +1,10 @@
 """Part of launch 3: gradients of W_E, W_pos, W_Q, W_K, W_V from the row tables.
 
 After launch 2 has summed dV (R, H*Dh), dS (R, H) and dc (D,) over every
-example, one program per model (block 0 of the AdamW launch, kernels.adamw)
-turns them into parameter gradients, then applies AdamW to them.
+example, one program per model (block 0 of the AdamW launch, fastgrok.kernels.adamw)
+turns them into parameter gradients, then applies AdamW to them. Without an
+update (``Backend.loss_and_grad``), ``tables_backward_kernel`` runs the same
+code alone, grid (M,).
 With dS' = dS / sqrt(Dh) and R_tab, K_tab, q, c as in launch 1:
 
     dq     = sum_r dS'[r, h] K_tab[r, h]             dK = dS' (x) q
@@ -11,11 +13,14 @@ With dS' = dS / sqrt(Dh) and R_tab, K_tab, q, c as in launch 1:
     dW_E[e] = dR[x-row e] + dR[y-row e],  dW_E[op] = dR[op],  dW_E[=] = dR[=]
     dW_pos = (sum of x-rows, dR[op], sum of y-rows, dR[=])
 
+Element e's x-row is e and its y-row FIRST_Y_ROW + e; the x-rows end at
+OP_ROW (every row number is a constexpr from fastgrok.layout.TokenRows).
+
 Element e's x-row and y-row are handled in the same block, so every dW_E row is
 written once and needs no clearing or atomics. It costs one program
 ~6 R D H Dh FLOPs (~30 MFLOP at the paper config, ~1.5% of a D = 2000 model
 step). Like the example kernel it is a chain of small matmuls whose operands
-stream from memory (kernels.layout.gemm): R_tab, dq and dK (over K_tab, no
+stream from memory (fastgrok.kernels.layout.gemm): R_tab, dq and dK (over K_tab, no
 longer needed) are first written to the workspace. Running here rather than
 at the end of launch 2 keeps the example kernel's registers for itself, and
 the launch boundary makes the atomically summed tables visible with no
@@ -23,25 +28,28 @@ inter-program synchronisation.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastgrok.engine import TableGrads, TokenRows, tables_backward, tables_forward
-from kernels.layout import gemm, row_token_pos
+from fastgrok.backends.torch_engine import TableGrads, tables_backward, tables_forward
+from fastgrok.kernels.layout import Layout, Workspace, gemm, launch_options, row_token_pos
+from fastgrok.layout import TokenRows
 
 
-def tables_backward_ref(params: dict[str, Tensor], grads: dict[str, Tensor], n: int, dV: Tensor,
+def tables_backward_ref(params: dict[str, Tensor], grads: dict[str, Tensor], rows: TokenRows, dV: Tensor,
                         dS: Tensor, dc: Tensor) -> None:
     """Write the W_E..W_V gradients into ``grads`` (the batched engine's plain-torch code).
 
     dV (M, R, H*Dh), dS (M, R, H), dc (M, D) are the summed row-table gradients.
     """
-    rows = TokenRows(n, params["W_E"].device)
+    device = params["W_E"].device
+    row_index = (torch.as_tensor(rows.token, device=device), torch.as_tensor(rows.pos, device=device))
     M, H, _, Dh = params["W_K"].shape
-    tab = tables_forward(params, rows)
+    tab = tables_forward(params, rows, row_index)
     acc = TableGrads(dV=dV.reshape(M * rows.R, H, Dh), dS=dS.reshape(M * rows.R, H), dc=dc)
-    tables_backward(params, grads, rows, tab, acc)
+    tables_backward(params, grads, rows, row_index, tab, acc)
 
 
 @triton.jit
@@ -64,15 +72,15 @@ def _rows_dR(acc, rows, mask_r, offs_d, mask_d, p, dK_tab, dV_tab, D: tl.constex
 @triton.jit
 def tables_backward_tail(
     m, params_ptr, grads_ptr, K_ptr, q_ptr, dV_ptr, dS_ptr, dq_ptr, dc_ptr, Rt_ptr,
-    D: tl.constexpr, H: tl.constexpr, Dh: tl.constexpr, V: tl.constexpr,
+    D: tl.constexpr, H: tl.constexpr, Dh: tl.constexpr,
+    R: tl.constexpr, OP_ROW: tl.constexpr, FIRST_Y_ROW: tl.constexpr, EQ_ROW: tl.constexpr, OP_TOKEN: tl.constexpr,
+    EQ_TOKEN: tl.constexpr, POS_X: tl.constexpr, POS_OP: tl.constexpr, POS_Y: tl.constexpr, EQ_POS: tl.constexpr,
     OFF_W_E: tl.constexpr, OFF_W_pos: tl.constexpr, OFF_W_Q: tl.constexpr, OFF_W_K: tl.constexpr,
     OFF_W_V: tl.constexpr, P: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DH: tl.constexpr,
     SCALE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Table gradients of model m (int64); SCALE = 1/sqrt(Dh); see the module docstring."""
-    n: tl.constexpr = V - 2
-    R: tl.constexpr = 2 * n + 2
     HD: tl.constexpr = H * Dh
     p = params_ptr + m * P
     g = grads_ptr + m * P
@@ -103,7 +111,8 @@ def tables_backward_tail(
     for r0 in range(0, R, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         mask_r = rows < R
-        token, pos = row_token_pos(rows, n)
+        token, pos = row_token_pos(rows, OP_ROW, FIRST_Y_ROW, EQ_ROW, OP_TOKEN, EQ_TOKEN, POS_X, POS_OP, POS_Y,
+                                   EQ_POS)
         for d0 in range(0, D, BLOCK_C):
             offs_d = d0 + chunk
             mask_rd = mask_r[:, None] & (offs_d < D)[None, :]
@@ -122,8 +131,8 @@ def tables_backward_tail(
     for d0 in range(0, D, BLOCK_C):
         offs_d = d0 + chunk
         mask_d = offs_d < D
-        c = (tl.load(p + OFF_W_E + (n + 1) * D + offs_d, mask=mask_d, other=0.0)
-             + tl.load(p + OFF_W_pos + 3 * D + offs_d, mask=mask_d, other=0.0))
+        c = (tl.load(p + OFF_W_E + EQ_TOKEN * D + offs_d, mask=mask_d, other=0.0)
+             + tl.load(p + OFF_W_pos + EQ_POS * D + offs_d, mask=mask_d, other=0.0))
         for j0 in range(0, HD, BLOCK_C):
             cols = j0 + chunk
             mask_c = cols < HD
@@ -146,19 +155,19 @@ def tables_backward_tail(
         mask_d = offs_d < D
         pos0 = tl.zeros((BLOCK_C,), tl.float32)
         pos2 = tl.zeros((BLOCK_C,), tl.float32)
-        for e0 in range(0, n, BLOCK_R):
+        for e0 in range(0, OP_ROW, BLOCK_R):
             elems = e0 + tl.arange(0, BLOCK_R)
-            mask_e = elems < n
+            mask_e = elems < OP_ROW
             dR_x = _rows_dR(tl.zeros((BLOCK_R, BLOCK_C), tl.float32), elems, mask_e, offs_d, mask_d, p, dK_tab,
                             dV_tab, D, H, Dh, OFF_W_K, OFF_W_V, BLOCK_DH, PRECISION)
-            dR_y = _rows_dR(tl.zeros((BLOCK_R, BLOCK_C), tl.float32), elems + n + 1, mask_e, offs_d, mask_d, p,
+            dR_y = _rows_dR(tl.zeros((BLOCK_R, BLOCK_C), tl.float32), elems + FIRST_Y_ROW, mask_e, offs_d, mask_d, p,
                             dK_tab, dV_tab, D, H, Dh, OFF_W_K, OFF_W_V, BLOCK_DH, PRECISION)
             tl.store(g + OFF_W_E + elems[:, None] * D + offs_d[None, :], dR_x + dR_y,
                      mask=mask_e[:, None] & mask_d[None, :])
             pos0 += tl.sum(dR_x, axis=0)
             pos2 += tl.sum(dR_y, axis=0)
         special = tl.arange(0, BLOCK_R)
-        special_rows = tl.where(special == 0, n, 2 * n + 1)
+        special_rows = tl.where(special == 0, OP_ROW, EQ_ROW)
         dR = _rows_dR(tl.zeros((BLOCK_R, BLOCK_C), tl.float32), special_rows, special < 2, offs_d, mask_d, p,
                       dK_tab, dV_tab, D, H, Dh, OFF_W_K, OFF_W_V, BLOCK_DH, PRECISION)
         for h in range(H):
@@ -168,9 +177,45 @@ def tables_backward_tail(
         dR_op = tl.sum(tl.where(special[:, None] == 0, dR, 0.0), axis=0)
         dR_eq = tl.sum(tl.where(special[:, None] == 1, dR, 0.0), axis=0) + tl.load(dc_ptr + m * D + offs_d,
                                                                                     mask=mask_d, other=0.0)
-        tl.store(g + OFF_W_E + n * D + offs_d, dR_op, mask=mask_d)
-        tl.store(g + OFF_W_E + (n + 1) * D + offs_d, dR_eq, mask=mask_d)
-        tl.store(g + OFF_W_pos + offs_d, pos0, mask=mask_d)
-        tl.store(g + OFF_W_pos + D + offs_d, dR_op, mask=mask_d)
-        tl.store(g + OFF_W_pos + 2 * D + offs_d, pos2, mask=mask_d)
-        tl.store(g + OFF_W_pos + 3 * D + offs_d, dR_eq, mask=mask_d)
+        tl.store(g + OFF_W_E + OP_TOKEN * D + offs_d, dR_op, mask=mask_d)
+        tl.store(g + OFF_W_E + EQ_TOKEN * D + offs_d, dR_eq, mask=mask_d)
+        tl.store(g + OFF_W_pos + POS_X * D + offs_d, pos0, mask=mask_d)
+        tl.store(g + OFF_W_pos + POS_OP * D + offs_d, dR_op, mask=mask_d)
+        tl.store(g + OFF_W_pos + POS_Y * D + offs_d, pos2, mask=mask_d)
+        tl.store(g + OFF_W_pos + EQ_POS * D + offs_d, dR_eq, mask=mask_d)
+
+
+@triton.jit
+def tables_backward_kernel(
+    params_ptr, grads_ptr, K_ptr, q_ptr, dV_ptr, dS_ptr, dq_ptr, dc_ptr, Rt_ptr,
+    D: tl.constexpr, H: tl.constexpr, Dh: tl.constexpr,
+    R: tl.constexpr, OP_ROW: tl.constexpr, FIRST_Y_ROW: tl.constexpr, EQ_ROW: tl.constexpr, OP_TOKEN: tl.constexpr,
+    EQ_TOKEN: tl.constexpr, POS_X: tl.constexpr, POS_OP: tl.constexpr, POS_Y: tl.constexpr, EQ_POS: tl.constexpr,
+    OFF_W_E: tl.constexpr, OFF_W_pos: tl.constexpr, OFF_W_Q: tl.constexpr, OFF_W_K: tl.constexpr,
+    OFF_W_V: tl.constexpr, P: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DH: tl.constexpr,
+    SCALE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Grid (M,): the table gradients of each model, with no update."""
+    tables_backward_tail(tl.program_id(0).to(tl.int64), params_ptr, grads_ptr, K_ptr, q_ptr, dV_ptr, dS_ptr, dq_ptr,
+                         dc_ptr, Rt_ptr, D, H, Dh, R, OP_ROW, FIRST_Y_ROW, EQ_ROW, OP_TOKEN, EQ_TOKEN, POS_X, POS_OP,
+                         POS_Y, EQ_POS, OFF_W_E, OFF_W_pos, OFF_W_Q, OFF_W_K, OFF_W_V, P, BLOCK_R, BLOCK_C, BLOCK_DH,
+                         SCALE, PRECISION)
+
+
+def tables_backward_args(layout: Layout, params: Tensor, grads: Tensor, ws: Workspace, precision: str,
+                         block_r: int = 16, block_c: int = 16, arch: int = 90) -> tuple[tuple, dict]:
+    """Grid and keyword arguments of tables_backward_kernel (launch 3's tiles: fastgrok.kernels.adamw.adamw_args)."""
+    return (layout.check_flat(params=params, grads=grads),), dict(
+        params_ptr=params, grads_ptr=grads, K_ptr=ws.K, q_ptr=ws.q, dV_ptr=ws.dV, dS_ptr=ws.dS, dq_ptr=ws.dq,
+        dc_ptr=ws.dc, Rt_ptr=ws.Rt, D=layout.D, H=layout.H, Dh=layout.Dh, **layout.row_args(),
+        **layout.offset_args("W_E", "W_pos", "W_Q", "W_K", "W_V"),
+        BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_DH=layout.block_dh, SCALE=layout.scale, PRECISION=precision,
+        **launch_options("tables_backward", precision, arch),
+    )
+
+
+def tables_backward_launch(*args, **kwargs) -> None:
+    """The W_E..W_V gradients of every model into ``grads`` (arguments: tables_backward_args)."""
+    grid, kw = tables_backward_args(*args, **kwargs)
+    tables_backward_kernel[grid](**kw)

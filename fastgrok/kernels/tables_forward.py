@@ -1,8 +1,8 @@
 """Launch 1 of the fused step: the per-model (token, position) tables.
 
-Algorithm (fastgrok.engine docstring): every key and value depends only on the
+Algorithm (fastgrok.backends.torch_engine docstring): every key and value depends only on the
 (token, position) of its row, and the query only on the last position (always
-``=``). So, per model, the R = 2n + 2 rows of the residual stream
+``=``). So, per model, the R rows of the residual stream
 ``R_tab = W_E[token] + W_pos[pos]`` are projected once per step:
 
     K_tab = R_tab @ W_K,  V_tab = R_tab @ W_V          (R, H*Dh)
@@ -18,24 +18,31 @@ gradient of W_O..W_U (contiguous at the end of the flat row; the other
 gradients are written, not accumulated), the row-table gradients dV, dS, dc,
 and the per-model loss and checksum; the clearing is split evenly over a
 model's row blocks. Each program also writes the sum of its tables to its
-own check_tab slot (kernels.layout.Workspace).
+own check_tab slot (fastgrok.kernels.layout.Workspace).
+
+The rows (R, OP_ROW, ..., EQ_POS) are constexprs from
+``fastgrok.layout.TokenRows`` (``Layout.row_args``).
 
 Limits: n_ctx = 4; blocks are powers of two (>= 16 where they enter a
 matmul), padded lanes masked.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastgrok.engine import TokenRows, tables_forward
-from kernels.layout import Layout, Workspace, launch_options, mma, row_token_pos
+from fastgrok.backends.torch_engine import tables_forward
+from fastgrok.kernels.layout import Layout, Workspace, launch_options, mma, row_token_pos
+from fastgrok.layout import TokenRows
 
 
-def tables_forward_ref(params: dict[str, Tensor], n: int) -> tuple[Tensor, Tensor, Tensor]:
+def tables_forward_ref(params: dict[str, Tensor], rows: TokenRows) -> tuple[Tensor, Tensor, Tensor]:
     """K_tab, V_tab (M, R, H*Dh) and S_tab (M, R, H) in plain torch (the batched engine's)."""
-    tab = tables_forward(params, TokenRows(n, params["W_E"].device))
+    device = params["W_E"].device
+    tab = tables_forward(params, rows, (torch.as_tensor(rows.token, device=device),
+                                        torch.as_tensor(rows.pos, device=device)))
     M, R = tab.K_tab.shape[:2]
     return tab.K_tab.reshape(M, R, -1), tab.V_tab.reshape(M, R, -1), tab.S_tab
 
@@ -43,14 +50,14 @@ def tables_forward_ref(params: dict[str, Tensor], n: int) -> tuple[Tensor, Tenso
 @triton.jit
 def tables_forward_kernel(
     params_ptr, grads_ptr, K_ptr, V_ptr, S_ptr, q_ptr, dV_ptr, dS_ptr, dc_ptr, loss_ptr, check_ptr, check_tab_ptr,
-    D: tl.constexpr, H: tl.constexpr, Dh: tl.constexpr, V: tl.constexpr,
+    D: tl.constexpr, H: tl.constexpr, Dh: tl.constexpr,
+    R: tl.constexpr, OP_ROW: tl.constexpr, FIRST_Y_ROW: tl.constexpr, EQ_ROW: tl.constexpr, OP_TOKEN: tl.constexpr,
+    EQ_TOKEN: tl.constexpr, POS_X: tl.constexpr, POS_OP: tl.constexpr, POS_Y: tl.constexpr, EQ_POS: tl.constexpr,
     OFF_W_E: tl.constexpr, OFF_W_pos: tl.constexpr, OFF_W_Q: tl.constexpr, OFF_W_K: tl.constexpr,
     OFF_W_V: tl.constexpr, OFF_W_O: tl.constexpr, P: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DH: tl.constexpr,
     BLOCK_ZERO: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    n: tl.constexpr = V - 2
-    R: tl.constexpr = 2 * n + 2
     HD: tl.constexpr = H * Dh
     NUM_RB: tl.constexpr = (R + BLOCK_R - 1) // BLOCK_R
     m = tl.program_id(0).to(tl.int64)
@@ -59,7 +66,7 @@ def tables_forward_kernel(
 
     offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
-    token, pos = row_token_pos(offs_r, n)
+    token, pos = row_token_pos(offs_r, OP_ROW, FIRST_Y_ROW, EQ_ROW, OP_TOKEN, EQ_TOKEN, POS_X, POS_OP, POS_Y, EQ_POS)
     lanes = tl.arange(0, BLOCK_DH)
     mask_l = lanes < Dh
     mask_rl = mask_r[:, None] & mask_l[None, :]
@@ -81,8 +88,8 @@ def tables_forward_kernel(
             mask_kl = mask_k[:, None] & mask_l[None, :]
             K = mma(resid, tl.load(p + OFF_W_K + w_offs, mask=mask_kl, other=0.0), K, PRECISION)
             Vh = mma(resid, tl.load(p + OFF_W_V + w_offs, mask=mask_kl, other=0.0), Vh, PRECISION)
-            c = (tl.load(p + OFF_W_E + (n + 1) * D + offs_k, mask=mask_k, other=0.0)
-                 + tl.load(p + OFF_W_pos + 3 * D + offs_k, mask=mask_k, other=0.0))
+            c = (tl.load(p + OFF_W_E + EQ_TOKEN * D + offs_k, mask=mask_k, other=0.0)
+                 + tl.load(p + OFF_W_pos + EQ_POS * D + offs_k, mask=mask_k, other=0.0))
             q += tl.sum(c[:, None] * tl.load(p + OFF_W_Q + w_offs, mask=mask_kl, other=0.0), axis=0)
         cols = tab_rows + h * Dh + lanes[None, :]
         tl.store(K_ptr + cols, K, mask=mask_rl)
@@ -127,7 +134,7 @@ def tables_forward_args(layout: Layout, params: Tensor, grads: Tensor, ws: Works
     return grid, dict(
         params_ptr=params, grads_ptr=grads, K_ptr=ws.K, V_ptr=ws.V, S_ptr=ws.S, q_ptr=ws.q, dV_ptr=ws.dV,
         dS_ptr=ws.dS, dc_ptr=ws.dc, loss_ptr=ws.loss, check_ptr=ws.check, check_tab_ptr=ws.check_tab,
-        D=layout.D, H=layout.H, Dh=layout.Dh, V=layout.V,
+        D=layout.D, H=layout.H, Dh=layout.Dh, **layout.row_args(),
         **layout.offset_args("W_E", "W_pos", "W_Q", "W_K", "W_V", "W_O"),
         BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_DH=layout.block_dh,
         BLOCK_ZERO=1024, SCALE=layout.scale, PRECISION=precision,
