@@ -93,7 +93,7 @@ def l2_bytes_per_tile(L: Layout, block_n: int) -> int:
 
 
 def sweep_sizes() -> np.ndarray:
-    """SPEC: training-set sizes 1500..2050, 20 of them, 10 seeds each (200 models)."""
+    """The semi-grokking sweep (docs/design.md, "Experiments"): sizes 1500..2050, 20 of them, 10 seeds each (200 models)."""
     return np.repeat(np.linspace(1500, 2050, 20).round().astype(int), 10)
 
 

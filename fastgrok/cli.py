@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from fastgrok.config import PRESETS, OptimConfig, get_preset
@@ -509,8 +510,15 @@ def cmd_info(args):
         print(frame.to_string(index=False))
 
 
+def _notice(message, category, filename, lineno, file=None, line=None):
+    """A warning as one plain line (e.g. a circuit analysis skipped for a large p)."""
+    print(f"fastgrok: notice: {str(message).splitlines()[0]}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    shown = warnings.showwarning
+    warnings.showwarning = _notice
     try:
         args = parser.parse_args(argv)
         if args.command in ("sweep", "grok"):
@@ -526,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
         print("fastgrok: interrupted; the run file keeps its last checkpoint (continue with --resume)",
               file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown
     return 0
 
 

@@ -251,3 +251,12 @@ def test_batch_run_prints_progress_lines_with_stdout_captured(tmp_path, capsys):
     assert "\x1b" not in stdout, "no terminal control codes in a log"
     quiet = run([*argv[:-1], str(tmp_path / "q.h5"), "--quiet"], capsys)[1]
     assert not any(LINE.match(x) for x in quiet.splitlines())
+
+
+def test_warnings_are_one_notice_line(tmp_path, capsys):
+    """A fallback (here triton without a GPU) is one plain line on stderr, and the run goes on."""
+    argv = ["grok", "--preset", "cpu", "--p", "5", "--sizes", "10", "--seeds", "1", "--steps", "2",
+            "--backend", "triton", "--no-plot", "--quiet", "--out", str(tmp_path / "g.h5")]
+    assert main(argv) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastgrok: notice: backend 'triton' unavailable"), err
