@@ -146,8 +146,7 @@ class Population(PopulationState):
         Each backend computes each model with shapes that do not depend on
         which or how many models are asked for (``Backend.logits``).
         """
-        index = np.arange(self.M)[slice(None) if models is None else models] if not isinstance(models, Sequence) \
-            else np.asarray(models, dtype=np.int64)
+        index = np.arange(self.M)[slice(None) if models is None else models]   # a slice, list or array
         x = torch.as_tensor(self.task.x[pairs], device=self.device)
         y = torch.as_tensor(self.task.y[pairs], device=self.device)
         return self.engine.logits(self, index, x, y)
