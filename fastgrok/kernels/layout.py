@@ -58,14 +58,23 @@ LAUNCH_EXCEPTIONS = {
 ARCHS = (80, 90)
 
 
+# Whether Triton may contract a * b + c into one FMA. Pinned, not left to the
+# default: Triton 3.9 fuses unless TRITON_DEFAULT_FP_FUSION says otherwise and
+# 3.10 will not, and the kernels were verified and their resources measured
+# with fusion on, so an upgrade must not change their results silently.
+FP_FUSION = True
+
+
 def launch_options(kernel: str, precision: str, arch: int) -> dict:
-    """num_warps, num_stages (and maxnreg) for ``kernel`` on compute capability ``arch`` (x10).
+    """num_warps, num_stages (and maxnreg) for ``kernel`` on compute capability ``arch`` (x10),
+    and the pinned FP_FUSION.
 
     Architectures other than the two measured ones take the options of the
     nearest one below (sm_86/89 -> sm_80, sm_100 -> sm_90).
     """
     measured = max((a for a in ARCHS if a <= arch), default=ARCHS[0])
-    return {**LAUNCH_OPTIONS[kernel], **LAUNCH_EXCEPTIONS.get((kernel, precision, measured), {})}
+    return {**LAUNCH_OPTIONS[kernel], **LAUNCH_EXCEPTIONS.get((kernel, precision, measured), {}),
+            "enable_fp_fusion": FP_FUSION}
 
 
 # The row constexprs a kernel may take: TokenRows.constexprs() and the operator's

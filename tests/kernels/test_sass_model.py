@@ -9,6 +9,7 @@ BM*BN*4 bytes. The paper-size kernels are in the slow test at the end.
 import importlib.util
 import inspect
 import os
+import re
 import sys
 
 import numpy as np
@@ -171,3 +172,24 @@ def test_paper_kernels_counts_match_their_dots(arch, precision):
         ok, text = sm.cross_check(model, kwargs, precision, sm.Layout.from_config(cfg))
         assert ok, f"{fn.__name__} sm_{arch} {precision}: {text}"
         assert model.issue > 0 and np.all(model.per_program > 0)
+
+
+@triton.jit
+def _multiply_add_kernel(a_ptr, b_ptr, c_ptr, out_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    out = tl.load(a_ptr + offs) * tl.load(b_ptr + offs) + tl.load(c_ptr + offs)
+    tl.store(out_ptr + offs, out)
+
+
+@pytest.mark.parametrize("fusion", [True, False])
+def test_the_pinned_fp_fusion_option_decides_whether_a_times_b_plus_c_is_one_ffma(fusion):
+    """The launchers pass enable_fp_fusion (fastgrok.kernels.layout.FP_FUSION) explicitly,
+    so Triton's changing default cannot change the kernels' rounding; compiled for sm_90,
+    the option is what decides FFMA against FMUL + FADD."""
+    assert sm._layout.launch_options("examples", "tf32", 90)["enable_fp_fusion"] is sm._layout.FP_FUSION is True
+    x = torch.empty(128, device="meta")
+    sass = _sass(_multiply_add_kernel, dict(a_ptr=x, b_ptr=x, c_ptr=x, out_ptr=x, BLOCK=128, num_warps=4,
+                                            enable_fp_fusion=fusion))
+    count = {op: len(re.findall(rf"\b{op}\b", sass)) for op in ("FFMA", "FMUL", "FADD")}
+    assert (count["FFMA"] > 0 and count["FMUL"] == count["FADD"] == 0) if fusion else \
+        (count["FFMA"] == 0 and count["FMUL"] > 0 and count["FADD"] > 0), count
