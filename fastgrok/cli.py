@@ -23,6 +23,7 @@ from pathlib import Path
 
 from fastgrok.config import PRESETS, OptimConfig, get_preset
 from fastgrok.backends import BACKENDS
+from fastgrok.precision import PRECISIONS
 from fastgrok.shard import Shard, local_device, partition, shard_from_env
 from fastgrok.experiments import (DEFAULTS, SCHEDULES, check_seeds, draw_figures, grid_runs, parse_floats, parse_sizes,
                                   pretrain_path, summarize, ungrok_plan, write_toy)
@@ -51,9 +52,10 @@ def _common(p: argparse.ArgumentParser, sizes_help: str):
     p.add_argument("--wd", default=None, help="weight decay, or a comma list crossed with the rest")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="training backend (default auto)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--precision", choices=("ieee", "tf32x3", "tf32", "bf16"),
-                   help="matmul inputs of the triton backend (default tf32x3, fp32-class accuracy); "
-                        "fp32 accumulation and master weights in every mode")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="operands of the per-example matmuls, rounded as a GPU's tensor cores take them, "
+                        "on every backend (default: the backend's; fp32 on the CPU); fp32 accumulation, "
+                        "master weights and moments in every mode")
     p.add_argument("--cuda-graph", action="store_true", help="triton backend: capture the step in a CUDA graph")
     p.add_argument("--out", type=Path, help="output HDF5 file (default runs/<experiment>-<preset>.h5)")
     p.add_argument("--resume", action="store_true", help="continue --out if it exists")
@@ -350,12 +352,12 @@ def _train(args, experiment, out, preset, runs, steps, **kw):
     from fastgrok.runner import run_experiment
 
     optim = OptimConfig()
-    triton = {k: v for k, v in (("precision", args.precision), ("cuda_graph", args.cuda_graph)) if v}
-    options = {"triton": triton} if triton else None
+    options = {"triton": {"cuda_graph": True}} if args.cuda_graph else None
     progress = Progress(steps, len(runs), f"{experiment} ({len(runs)} models)", args.quiet, args.progress_every)
     try:
         pop = run_experiment(out, experiment, preset.task, preset.model, optim, runs, steps,
                              schedule=SCHEDULES[preset.name], backend=args.backend, backend_options=options,
+                             precision=args.precision,
                              device=args.device, resume=args.resume, progress=progress, **kw)
     finally:
         progress.close()

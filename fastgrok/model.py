@@ -14,6 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from fastgrok import precision as mp
 from fastgrok.config import ModelConfig
 from fastgrok.layout import param_shapes
 
@@ -89,13 +90,39 @@ def stable_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     return _StableCrossEntropy.apply(logits, labels)
 
 
+class _RoundedProduct(torch.autograd.Function):
+    """act @ W with both operands taken at a matmul precision, forward and backward.
+
+    The backward products take their operands at the same precision:
+    d_act = d_out @ W^T and dW = act^T @ d_out (fastgrok.precision).
+    """
+
+    @staticmethod
+    def forward(ctx, act: Tensor, W: Tensor, precision: str) -> Tensor:
+        ctx.save_for_backward(act, W)
+        ctx.precision = precision
+        return mp.matmul(act, W, precision)
+
+    @staticmethod
+    def backward(ctx, d_out: Tensor):
+        act, W = ctx.saved_tensors
+        d_act = mp.matmul(d_out, W.T, ctx.precision)
+        dW = mp.matmul(act.reshape(-1, act.shape[-1]).T, d_out.reshape(-1, d_out.shape[-1]), ctx.precision)
+        return d_act, dW, None
+
+
 class Transformer(nn.Module):
     """The paper's 1-layer transformer: no LayerNorm, learned positions,
-    untied embed/unembed, ReLU MLP with biases, attention without biases."""
+    untied embed/unembed, ReLU MLP with biases, attention without biases.
 
-    def __init__(self, cfg: ModelConfig, init_seed: int = 0):
+    precision: how the products with W_O, W_in, W_out and W_U take their
+    operands (``fastgrok.precision``; "fp32": as they are).
+    """
+
+    def __init__(self, cfg: ModelConfig, init_seed: int = 0, precision: str = "fp32"):
         super().__init__()
         self.cfg = cfg
+        self.precision = mp.check_precision(precision)
         for name, value in init_params(cfg, init_seed).items():
             self.register_parameter(name, nn.Parameter(value))
 
@@ -112,11 +139,18 @@ class Transformer(nn.Module):
         scores = scores.masked_fill(~causal, float("-inf"))
         pattern = scores.softmax(dim=-1)                                        # (N, H, T, T)
         z = pattern @ v                                                         # (N, H, T, Dh)
-        resid = resid + torch.einsum("nhte,hed->ntd", z, self.W_O)              # (N, T, D)
+        N, H, _, Dh = z.shape
+        z = z.transpose(1, 2).reshape(N, T, H * Dh)                             # (N, T, H*Dh)
+        resid = resid + self._product(z, self.W_O.reshape(H * Dh, -1))          # (N, T, D)
 
-        pre = resid @ self.W_in + self.b_in                                     # (N, T, F)
-        resid = resid + torch.relu(pre) @ self.W_out + self.b_out               # (N, T, D)
-        return resid @ self.W_U                                                 # (N, T, V)
+        pre = self._product(resid, self.W_in) + self.b_in                       # (N, T, F)
+        resid = resid + self._product(torch.relu(pre), self.W_out) + self.b_out # (N, T, D)
+        return self._product(resid, self.W_U)                                   # (N, T, V)
+
+    def _product(self, act: Tensor, W: Tensor) -> Tensor:
+        if self.precision == "fp32":
+            return act @ W
+        return _RoundedProduct.apply(act, W, self.precision)
 
     def loss(self, tokens: Tensor, labels: Tensor) -> Tensor:
         """Mean cross-entropy at the last position over the given examples."""

@@ -26,6 +26,7 @@ from fastgrok.backends import Backend, select_backend
 from fastgrok.config import ModelConfig, OptimConfig, RunSpec
 from fastgrok.layout import N_CTX, PARAM_NAMES, ParamLayout, TokenRows
 from fastgrok.model import init_params
+from fastgrok.precision import check_precision
 from fastgrok.tasks import Task
 
 
@@ -36,11 +37,13 @@ class PopulationState:
     the model and optimiser constants (betas, eps, warm-up) are shared.
     Training is float32; ``dtype=torch.float64`` exists to check an engine's
     algorithm against the float64 oracle free of float32 rounding.
+    ``precision``: how the per-example matrix products take their operands
+    (``fastgrok.precision``); every backend honours it or refuses it.
     """
 
     def __init__(self, task: Task, model_cfg: ModelConfig, runs: Sequence[RunSpec],
                  optim_cfg: OptimConfig = OptimConfig(), device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, precision: str = "fp32"):
         if not runs:
             raise ValueError("a population needs at least one RunSpec; got an empty list")
         if model_cfg.n_ctx != N_CTX:
@@ -53,6 +56,7 @@ class PopulationState:
             if not r.weight_decay >= 0:
                 raise ValueError(f"model {m}: weight_decay={r.weight_decay!r} must be >= 0")
         self.task, self.cfg, self.runs, self.optim = task, model_cfg, list(runs), optim_cfg
+        self.precision = check_precision(precision)
         self.device = torch.device(device)
         self.M = len(self.runs)
         self.layout = ParamLayout.from_config(model_cfg)
@@ -116,15 +120,23 @@ class Population(PopulationState):
     backend_options: {backend name: constructor keyword arguments}, e.g.
     ``{"triton": {"precision": "tf32"}, "cpu": {"n_threads": 2}}``; only the
     chosen backend's entry is used.
+    precision: the matmul precision (``fastgrok.precision``); None takes the
+    backend's default (``Backend.default_precision``). "auto" passes over a
+    backend that does not offer it.
     """
 
     def __init__(self, task: Task, model_cfg: ModelConfig, runs: Sequence[RunSpec],
                  optim_cfg: OptimConfig = OptimConfig(), device: str | torch.device = "cpu",
                  backend: str | Backend = "torch", dtype: torch.dtype = torch.float32,
-                 backend_options: dict[str, dict] | None = None):
-        super().__init__(task, model_cfg, runs, optim_cfg, device, dtype)
-        self.engine = backend if not isinstance(backend, str) else \
-            select_backend(backend, self.device, backend_options or {})
+                 backend_options: dict[str, dict] | None = None, precision: str | None = None):
+        engine = backend if not isinstance(backend, str) else \
+            select_backend(backend, device, backend_options or {}, precision)
+        precision = engine.default_precision if precision is None else precision
+        if precision not in engine.precisions:
+            raise ValueError(f"precision={precision!r}: backend {engine.name!r} offers "
+                             f"{', '.join(engine.precisions)}")
+        super().__init__(task, model_cfg, runs, optim_cfg, device, dtype, precision)
+        self.engine = engine
 
     @property
     def backend(self) -> str:

@@ -102,6 +102,7 @@ def run_experiment(
     schedule: EvalSchedule = EvalSchedule(),
     backend: str = "torch",
     backend_options: dict[str, dict] | None = None,
+    precision: str | None = None,
     device: str | torch.device = "cpu",
     resume: bool = False,
     progress: ProgressFn | None = None,
@@ -116,6 +117,8 @@ def run_experiment(
 
     backend, backend_options: which backend steps the population and its
             options ({backend name: keyword arguments}, see ``Population``).
+    precision: matmul precision (``fastgrok.precision``); None: the backend's
+            default. Recorded in the file; a resume must use the same.
     resume: continue the file at ``path`` if it exists (start it otherwise);
             without it an existing file is an error.
     snapshot_steps: steps whose parameters are kept in the file (for export).
@@ -139,13 +142,13 @@ def run_experiment(
         raise FileExistsError(f"{path} exists; pass resume=True to continue it, or choose a new path")
 
     pop = Population(Task(task_cfg), model_cfg, list(runs), optim_cfg, device=device, backend=backend,
-                     backend_options=backend_options)
+                     backend_options=backend_options, precision=precision)
     initial, provenance = (init_from.resolve(model_cfg, pop.P) if init_from is not None
                            else (None, None))
     if initial is not None and len(initial) != pop.M:
         raise ValueError(f"init_from lists {len(initial)} source models; the population has {pop.M}")
     header = RunHeader(experiment, task_cfg, model_cfg, optim_cfg, tuple(runs), schedule,
-                       json.loads(json.dumps(provenance)), shard)
+                       json.loads(json.dumps(provenance)), shard, pop.precision)
     evaluator = Evaluator(pop)
     return _Loop(path, header, pop, evaluator, steps, initial, progress, snapshot_steps,
                  checkpoint_seconds, checkpoint_every, max_write_fraction).run()

@@ -157,6 +157,7 @@ class RunHeader:
     shard: for one shard of a larger experiment (``fastgrok.shard``),
     ``{"index": K, "count": N, "models": [experiment model index of each
     model here], "total": M}``; None for a whole experiment.
+    precision: the matmul precision it trains with (``fastgrok.precision``).
     """
 
     experiment: str
@@ -167,6 +168,7 @@ class RunHeader:
     schedule: EvalSchedule
     init_from: dict | None = None
     shard: dict | None = None
+    precision: str = "fp32"
 
     def config_json(self) -> dict[str, str]:
         return {
@@ -176,6 +178,7 @@ class RunHeader:
             "schedule": json.dumps(dataclasses.asdict(self.schedule)),
             "init_from": json.dumps(self.init_from, sort_keys=True),
             "shard": json.dumps(self.shard, sort_keys=True),
+            "precision": json.dumps(self.precision),
         }
 
     def check_same_run(self, stored: "RunHeader", path) -> None:
@@ -183,7 +186,7 @@ class RunHeader:
         if stored.experiment != self.experiment:
             raise ValueError(f"{path} holds experiment {stored.experiment!r}, not {self.experiment!r}; "
                              f"resume it under its own name or write to a new file")
-        for name in ("task", "model", "optim", "schedule", "init_from", "shard"):
+        for name in ("task", "model", "optim", "schedule", "init_from", "shard", "precision"):
             ours, theirs = getattr(self, name), getattr(stored, name)
             if name == "init_from":
                 # The parameters themselves are the identity; the source path may have moved.
@@ -216,6 +219,9 @@ def _header_from_file(f: h5py.File) -> RunHeader:
         schedule=EvalSchedule(**json.loads(a["schedule"])),
         init_from=json.loads(a["init_from"]),
         shard=json.loads(a.get("shard", "null")),
+        # Files from before the precision modes were trained with fp32 products
+        # on the CPU backends (the triton backend's tf32x3 is not recorded).
+        precision=json.loads(a.get("precision", '"fp32"')),
     )
 
 

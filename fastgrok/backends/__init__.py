@@ -35,6 +35,8 @@ _AUTO_ORDER = ("triton", "cpu")
 
 class Backend(Protocol):
     name: str
+    precisions: tuple[str, ...]      # matmul precisions it computes (fastgrok.precision)
+    default_precision: str
 
     @classmethod
     def available(cls, device: torch.device) -> tuple[bool, str]:
@@ -63,13 +65,14 @@ def _backend_class(name: str):
     return getattr(importlib.import_module(module), cls)
 
 
-def select_backend(name: str, device: torch.device, options: dict[str, dict] | None = None) -> Backend:
+def select_backend(name: str, device: torch.device, options: dict[str, dict] | None = None,
+                   precision: str | None = None) -> Backend:
     """The backend object for ``name`` on ``device``.
 
     ``auto`` takes the fastest available one (triton on a CUDA GPU, else the
-    C++ engine, else torch). A named backend that is unavailable falls back
-    to torch with a warning that says why. ``options[name]`` are the chosen
-    backend's constructor arguments.
+    C++ engine, else torch) that offers ``precision`` (None: any). A named
+    backend that is unavailable falls back to torch with a warning that says
+    why. ``options[name]`` are the chosen backend's constructor arguments.
     """
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; valid backends: {', '.join(BACKENDS)}")
@@ -84,6 +87,8 @@ def select_backend(name: str, device: torch.device, options: dict[str, dict] | N
             ok, reason = cls.available(device)
         except ImportError as exc:
             ok, reason = False, f"{_IMPLEMENTATIONS[candidate][0]} cannot be imported ({exc})"
+        if ok and name == "auto" and precision is not None and precision not in cls.precisions:
+            continue
         if ok:
             return cls(**options.get(candidate, {}))
         if name != "auto":

@@ -52,6 +52,8 @@ class CpuBackend:
     """
 
     name = "cpu"
+    precisions = ("fp32",)
+    default_precision = "fp32"
 
     def __init__(self, n_threads: int | None = None):
         if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int)

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastgrok import precision as mp
 from fastgrok.config import ModelConfig
 from fastgrok.layout import TokenRows
 from fastgrok.model import stable_cross_entropy_fwd_bwd
@@ -118,9 +119,30 @@ def tables_forward(p: dict[str, Tensor], rows: TokenRows, row_index: tuple[Tenso
     return Tables(R_tab, K_tab, V_tab, q, S_tab)
 
 
+def _addmm(bias: Tensor, a: Tensor, b: Tensor, precision: str) -> Tensor:
+    """bias + a @ b (batched), the product's operands taken at ``precision``."""
+    return torch.baddbmm(bias, a, b) if precision == "fp32" else bias + mp.matmul(a, b, precision)
+
+
+def _mm(a: Tensor, b: Tensor, precision: str) -> Tensor:
+    return torch.bmm(a, b) if precision == "fp32" else mp.matmul(a, b, precision)
+
+
+def _accumulate(out: Tensor, a: Tensor, b: Tensor, precision: str) -> None:
+    """out += a @ b in place, the product's operands taken at ``precision``."""
+    if precision == "fp32":
+        out.baddbmm_(a, b)
+    else:
+        out.add_(mp.matmul(a, b, precision))
+
+
 def examples_forward(p: dict[str, Tensor], rows: TokenRows, tab: Tables, x: Tensor, y: Tensor,
-                     keep_cache: bool = True) -> tuple[Tensor, Cache | None]:
-    """Last-position logits (M, N, V) of M models on examples (x, y) of shape (M, N)."""
+                     keep_cache: bool = True, precision: str = "fp32") -> tuple[Tensor, Cache | None]:
+    """Last-position logits (M, N, V) of M models on examples (x, y) of shape (M, N).
+
+    precision: how the products with W_O, W_in, W_out and W_U take their
+    operands (``fastgrok.precision``).
+    """
     M, N = x.shape
     _, R, H, Dh = tab.V_tab.shape
     offset = (torch.arange(M, device=x.device) * R).unsqueeze(1)             # (M, 1)
@@ -143,42 +165,43 @@ def examples_forward(p: dict[str, Tensor], rows: TokenRows, tab: Tables, x: Tens
          + a[..., 3:4] * tab.V_tab[:, rows.eq_row].unsqueeze(1)).view(M, N, H * Dh)
 
     W_O = p["W_O"].view(M, H * Dh, -1)                                       # (M, H*Dh, D)
-    resid_mid = torch.baddbmm(tab.c.unsqueeze(1), z, W_O)                    # (M, N, D)
-    hidden = torch.baddbmm(p["b_in"].unsqueeze(1), resid_mid, p["W_in"]).relu_()  # (M, N, F)
-    resid_fin = torch.baddbmm(p["b_out"].unsqueeze(1), hidden, p["W_out"]).add_(resid_mid)
-    logits = torch.bmm(resid_fin, p["W_U"])                                  # (M, N, V)
+    resid_mid = _addmm(tab.c.unsqueeze(1), z, W_O, precision)                # (M, N, D)
+    hidden = _addmm(p["b_in"].unsqueeze(1), resid_mid, p["W_in"], precision).relu_()  # (M, N, F)
+    resid_fin = _addmm(p["b_out"].unsqueeze(1), hidden, p["W_out"], precision).add_(resid_mid)
+    logits = _mm(resid_fin, p["W_U"], precision)                             # (M, N, V)
     if not keep_cache:
         return logits, None
     return logits, Cache(rows_x, rows_y, a, Vx, Vy, z, resid_mid, hidden, resid_fin)
 
 
 def examples_backward(p: dict[str, Tensor], g: dict[str, Tensor], rows: TokenRows, tab: Tables,
-                      cache: Cache, dlogits: Tensor, acc: TableGrads) -> None:
+                      cache: Cache, dlogits: Tensor, acc: TableGrads, precision: str = "fp32") -> None:
     """Accumulate the gradients of sum(dlogits * logits) of one chunk.
 
     Weight gradients are added into ``g`` (W_U, b_out, W_out, b_in, W_in, W_O);
-    gradients w.r.t. the row tables into ``acc``.
+    gradients w.r.t. the row tables into ``acc``. ``precision`` as in
+    ``examples_forward``, for both operands of every backward product.
     """
     M, N, _ = dlogits.shape
     _, R, H, Dh = tab.V_tab.shape
     C = cache
 
     # Unembedding and MLP.
-    g["W_U"].baddbmm_(C.resid_fin.transpose(1, 2), dlogits)
-    dresid = torch.bmm(dlogits, p["W_U"].transpose(1, 2))                   # (M, N, D)
+    _accumulate(g["W_U"], C.resid_fin.transpose(1, 2), dlogits, precision)
+    dresid = _mm(dlogits, p["W_U"].transpose(1, 2), precision)              # (M, N, D)
     g["b_out"].add_(dresid.sum(1))
-    g["W_out"].baddbmm_(C.hidden.transpose(1, 2), dresid)
-    dpre = torch.bmm(dresid, p["W_out"].transpose(1, 2))                    # (M, N, F)
+    _accumulate(g["W_out"], C.hidden.transpose(1, 2), dresid, precision)
+    dpre = _mm(dresid, p["W_out"].transpose(1, 2), precision)               # (M, N, F)
     dpre = torch.ops.aten.threshold_backward(dpre, C.hidden, 0)              # relu'
     g["b_in"].add_(dpre.sum(1))
-    g["W_in"].baddbmm_(C.resid_mid.transpose(1, 2), dpre)
-    dresid.baddbmm_(dpre, p["W_in"].transpose(1, 2))                         # d resid_mid
+    _accumulate(g["W_in"], C.resid_mid.transpose(1, 2), dpre, precision)
+    _accumulate(dresid, dpre, p["W_in"].transpose(1, 2), precision)          # d resid_mid
     acc.dc.add_(dresid.sum(1))
 
     # Attention output: resid_mid = c + z @ W_O.
     W_O = p["W_O"].view(M, H * Dh, -1)
-    g["W_O"].view(M, H * Dh, -1).baddbmm_(C.z.transpose(1, 2), dresid)
-    dz = torch.bmm(dresid, W_O.transpose(1, 2)).view(M, N, H, Dh)
+    _accumulate(g["W_O"].view(M, H * Dh, -1), C.z.transpose(1, 2), dresid, precision)
+    dz = _mm(dresid, W_O.transpose(1, 2), precision).view(M, N, H, Dh)
 
     # z = sum_t a_t v_t over the four positions, then the softmax.
     V_op = tab.V_tab[:, rows.op_row].unsqueeze(1)                            # (M, 1, H, Dh)
@@ -234,6 +257,8 @@ class TorchBackend:
     """
 
     name = "torch"
+    precisions = mp.PRECISIONS
+    default_precision = "fp32"
 
     def __init__(self, chunk: int = CHUNK):
         if not isinstance(chunk, int) or chunk < 1:
@@ -265,12 +290,13 @@ class TorchBackend:
         loss = tab.R_tab.new_zeros(M)
         for s in range(0, state.train_x.shape[1], self.chunk):
             sl = slice(s, s + self.chunk)
-            logits, cache = examples_forward(p, rows, tab, state.train_x[:, sl], state.train_y[:, sl])
+            logits, cache = examples_forward(p, rows, tab, state.train_x[:, sl], state.train_y[:, sl],
+                                             precision=state.precision)
             ex_loss, dlogits = stable_cross_entropy_fwd_bwd(logits, state.train_labels[:, sl])
             w = state.train_weight[:, sl]
             dlogits.mul_(w.unsqueeze(-1))
             loss += (ex_loss * w).sum(1)
-            examples_backward(p, g, rows, tab, cache, dlogits, acc)
+            examples_backward(p, g, rows, tab, cache, dlogits, acc, state.precision)
         tables_backward(p, g, rows, index, tab, acc)
         return loss
 
@@ -291,7 +317,8 @@ class TorchBackend:
             params = {k: v[m:m + 1] for k, v in state.params.items()}
             tab = tables_forward(params, state.rows, self.row_index(state))
             out.append(torch.cat([examples_forward(params, state.rows, tab, x[None, s:s + self.chunk],
-                                                   y[None, s:s + self.chunk], keep_cache=False)[0]
+                                                   y[None, s:s + self.chunk], keep_cache=False,
+                                                   precision=state.precision)[0]
                                   for s in range(0, len(x), self.chunk)], dim=1))
         return torch.cat(out) if out else state.flat_params.new_empty(0, len(x), state.cfg.d_vocab)
 

@@ -171,6 +171,8 @@ class TritonBackend:
     """The fused Triton kernels as a backend (module docstring); options as in ``Options``."""
 
     name = "triton"
+    precisions = ("fp32",)
+    default_precision = "fp32"
 
     def __init__(self, precision: str = DEFAULT_PRECISION, cuda_graph: bool = False, block_n: int = 64,
                  block_c: int = 32, block_k: int = 32, programs: int | None = None):
