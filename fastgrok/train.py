@@ -48,6 +48,7 @@ def train_reference(
     device: str | torch.device = "cpu",
     log=None,
     dtype: torch.dtype = torch.float32,
+    precision: str = "fp32",
 ) -> tuple[Transformer, History]:
     """Train one model for ``steps`` full-batch AdamW steps.
 
@@ -56,13 +57,14 @@ def train_reference(
     ``eval_every`` steps and at the end. ``log(step, history)`` is called after
     each evaluation if given. ``dtype=torch.float64`` gives the run that
     fp32 backends are measured against (same initial weights, cast up).
+    ``precision``: the matmul precision of the model (``fastgrok.precision``).
     """
     split = task.split(run.data_seed, run.train_size, run.random_labels)
     tokens = torch.as_tensor(task.tokens, device=device)
     train_x, train_y = tokens[split.train_idx], torch.as_tensor(split.train_labels, device=device)
     test_x, test_y = tokens[split.test_idx], torch.as_tensor(split.test_labels, device=device)
 
-    model = Transformer(model_cfg, run.init_seed).to(device=device, dtype=dtype)
+    model = Transformer(model_cfg, run.init_seed, precision).to(device=device, dtype=dtype)
     opt = torch.optim.AdamW(
         model.parameters(), lr=run.lr, betas=optim_cfg.betas, eps=optim_cfg.eps,
         weight_decay=run.weight_decay,
