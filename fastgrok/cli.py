@@ -64,6 +64,9 @@ def _common(p: argparse.ArgumentParser, sizes_help: str):
                    help="where stdout is not a terminal (batch jobs, > log): seconds between plain progress "
                         "lines (default 60; 0: every step)")
     p.add_argument("--no-plot", action="store_true", help="do not draw the figure at the end")
+    p.add_argument("--until-converged", type=int, metavar="MAX_STEPS",
+                   help="after --steps, keep doubling the steps until every model's test accuracy held within "
+                        "+-0.05 over the last third of training, or MAX_STEPS (see fastgrok.analysis)")
     p.add_argument("--shard", help="train only shard K/N (0 <= K < N) of the models into OUT.shardK-of-N.h5; "
                                    "default: from torchrun (RANK/WORLD_SIZE) or a Slurm array, else all")
     if sizes_help:
@@ -94,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     mrg = sub.add_parser("merge", help="join shard files into the file an unsharded run writes")
     mrg.add_argument("out", type=Path)
     mrg.add_argument("shards", type=Path, nargs="+")
+    dc = sub.add_parser("dcrit", help="the critical dataset size from ungrok, efficiency and sweep files")
+    dc.add_argument("files", type=Path, nargs="+")
+    dc.add_argument("--out", type=Path, help="figure path prefix (default: beside the first file, _dcrit)")
     for name, what in (("plot", "draw the figure for a run file"), ("info", "what a run file holds")):
         q = sub.add_parser(name, help=what)
         q.add_argument("file", type=Path)
@@ -166,6 +172,14 @@ def _device(text: str) -> str:
 def _check_run_options(args):
     """Options every training command shares, checked before anything is written."""
     args.device = _device(args.device)
+    cap = args.until_converged
+    if cap is not None:
+        steps = args.steps if args.steps is not None else 1
+        if cap < max(steps, 1):
+            raise UsageError(f"--until-converged {cap}: the step cap must be >= --steps ({steps})")
+        if args.shard or shard_from_env() is not None:
+            raise UsageError("--until-converged: shards would stop at different steps and not merge; "
+                             "run the shards for a fixed --steps")
     if math.isnan(args.progress_every) or args.progress_every < 0:
         raise UsageError(f"--progress-every {args.progress_every:g}: must be a number of seconds >= 0")
 
@@ -348,22 +362,40 @@ class Progress:
 
 
 # ------------------------------------------------------------------ experiments
-def _train(args, experiment, out, preset, runs, steps, **kw):
+def _train(args, experiment, out, preset, runs, steps, extend=True, **kw):
+    """Train ``runs`` into ``out``; with --until-converged (and ``extend``), then double the
+    steps until every model converged or the cap is reached."""
+    from fastgrok.analysis import converged
     from fastgrok.runner import run_experiment
+    from fastgrok.store import read_run
 
     optim = OptimConfig()
     options = {"triton": {"cuda_graph": True}} if args.cuda_graph else None
-    progress = Progress(steps, len(runs), f"{experiment} ({len(runs)} models)", args.quiet, args.progress_every)
-    try:
-        pop = run_experiment(out, experiment, preset.task, preset.model, optim, runs, steps,
-                             schedule=SCHEDULES[preset.name], backend=args.backend, backend_options=options,
-                             precision=args.precision,
-                             device=args.device, resume=args.resume, progress=progress, **kw)
-    finally:
-        progress.close()
-    print(f"{experiment}: {len(runs)} models x {steps:,} steps on backend {pop.backend} -> {out}"
-          + (f"; {progress.counts}" if progress.counts else ""))
-    return pop
+    cap = args.until_converged if extend else None
+    resume = args.resume
+    if cap is not None and resume and out.exists():
+        steps = max(steps, min(cap, read_run(out).target_steps))   # an earlier session may have extended it
+    while True:
+        progress = Progress(steps, len(runs), f"{experiment} ({len(runs)} models)", args.quiet, args.progress_every)
+        try:
+            pop = run_experiment(out, experiment, preset.task, preset.model, optim, runs, steps,
+                                 schedule=SCHEDULES[preset.name], backend=args.backend, backend_options=options,
+                                 precision=args.precision,
+                                 device=args.device, resume=resume, progress=progress, **kw)
+        finally:
+            progress.close()
+        print(f"{experiment}: {len(runs)} models x {steps:,} steps on backend {pop.backend} -> {out}"
+              + (f"; {progress.counts}" if progress.counts else ""))
+        if cap is None:
+            return pop
+        data = read_run(out)
+        done = converged(data.steps, data.metrics["test_acc"])
+        if done.all() or steps >= cap:
+            print(f"{experiment}: {int(done.sum())} of {len(done)} models converged by step {steps:,}"
+                  + ("" if done.all() else f" (the cap, --until-converged {cap:,})"))
+            return pop
+        steps, resume = min(cap, 2 * steps), True
+        print(f"{experiment}: {int((~done).sum())} of {len(done)} models still moving; continuing to step {steps:,}")
 
 
 def _train_selected(args, experiment, out, preset, runs, steps, shard):
@@ -436,7 +468,7 @@ def cmd_ungrok(args):
     cont_models = [i - seeds for i in chosen if i >= seeds]
     out.parent.mkdir(parents=True, exist_ok=True)
     _train(args, "ungrok.pretrain", pre, preset, [plan.pretrain[i] for i in pre_models], pre_steps,
-           shard=_shard_info(shard, pre_models, plan.pretrain))
+           extend=False, shard=_shard_info(shard, pre_models, plan.pretrain))
     sources = [pre_models.index(plan.sources[i]) for i in cont_models]
     _train(args, "ungrok", out, preset, [plan.continuation[i] for i in cont_models], steps,
            init_from=InitFrom(pre, sources), shard=_shard_info(shard, cont_models, plan.continuation))
@@ -503,6 +535,29 @@ def cmd_plot(args):
         print(f"figure: {path}")
 
 
+def cmd_dcrit(args):
+    from fastgrok import plots
+    from fastgrok.analysis import dcrit
+    from fastgrok.experiments import file_experiment
+    from fastgrok.store import read_run
+
+    estimates = []
+    for path in args.files:
+        if file_experiment(path) not in ("ungrok", "efficiency", "sweep"):
+            raise UsageError(f"dcrit: {path} holds experiment {file_experiment(path)!r}; "
+                             f"D_crit comes from ungrok, efficiency or sweep files")
+        data = read_run(path)
+        if len(data.steps) == 0:
+            raise UsageError(f"dcrit: {path} has no evaluation yet")
+        found = dcrit(data)
+        for e in found:
+            print(f"{e.line()}  [{path}]")
+        estimates += found
+    prefix = args.out or args.files[0].with_suffix("").with_name(args.files[0].stem + "_dcrit")
+    for figure in plots.plot_dcrit(estimates, prefix):
+        print(f"figure: {figure}")
+
+
 def cmd_info(args):
     import pandas as pd
 
@@ -527,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd_grid(args, args.command)
         else:
             {"ungrok": cmd_ungrok, "efficiency": cmd_efficiency, "toy": cmd_toy, "merge": cmd_merge,
-             "plot": cmd_plot, "info": cmd_info}[args.command](args)
+             "plot": cmd_plot, "info": cmd_info, "dcrit": cmd_dcrit}[args.command](args)
     except (UsageError, ValueError, FileExistsError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"fastgrok: error: {message}", file=sys.stderr)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fastgrok.analysis import CONVERGENCE_TOLERANCE, converged, final_values, movement
 from fastgrok.config import RunSpec
 from fastgrok.schedule import EvalSchedule
 
@@ -204,13 +205,15 @@ def file_experiment(path: Path) -> str:
 # ---------------------------------------------------------------------- figures
 def _final(data, name: str) -> np.ndarray:
     """(M,) each model's last finite value of a metric (models frozen early keep theirs)."""
-    values = data.metrics[name]
-    out = np.full(values.shape[0], np.nan)
-    for m, row in enumerate(values):
-        finite = np.flatnonzero(np.isfinite(row))
-        if finite.size:
-            out[m] = row[finite[-1]]
-    return out
+    return final_values(data.metrics[name])
+
+
+def when_measured(data) -> str:
+    """How a figure may call its runs' final values: "at convergence" only if all converged."""
+    conv = converged(data.steps, data.metrics["test_acc"])
+    if conv.all():
+        return "at convergence"
+    return f"at the end of training ({int(conv.sum())}/{len(conv)} runs converged)"
 
 
 def _run_field(data, name: str) -> np.ndarray:
@@ -243,7 +246,7 @@ def draw_figures(path: Path, out_prefix: Path | None = None) -> list[Path]:
         out += plots.plot_sweep(steps, m["test_acc"], name("fig5"))
     elif experiment == "ungrok":
         out += plots.plot_ungrokking(_run_field(data, "train_size"), _final(data, "test_acc"),
-                                     _run_field(data, "weight_decay"), name("fig4"))
+                                     _run_field(data, "weight_decay"), name("fig4"), when_measured(data))
         out += plots.plot_sweep(steps, m["test_acc"], name("fig7"),
                                 title="Ungrokking: test accuracy while training on D' < D")
     elif experiment == "efficiency":
@@ -258,7 +261,8 @@ def draw_figures(path: Path, out_prefix: Path | None = None) -> list[Path]:
         out += plots.plot_efficiency(pick(mem), pick(gen), name("fig3"))
     if experiment in ("sweep", "ungrok") and "gen_mem_ratio_train" in m:
         out += plots.plot_logit_ratio(_run_field(data, "train_size"), _final(data, "gen_mem_ratio_train"),
-                                      _final(data, "test_acc"), _final(data, "param_norm"), name("fig10"))
+                                      _final(data, "test_acc"), _final(data, "param_norm"), name("fig10"),
+                                      when=when_measured(data))
     return [Path(p) for p in out]
 
 
@@ -292,8 +296,17 @@ def summarize(path: Path):
         runs[name] = _final(data, name) if len(data.steps) else np.nan
     runs["grokked"] = runs["test_acc"] >= 0.99
     runs["failed"] = runs["failed_step"] >= 0
+    if len(data.steps):
+        runs["converged"] = converged(data.steps, data.metrics["test_acc"])
+        runs["moved"] = movement(data.steps, data.metrics["test_acc"])
+        lines.append(f"converged: {int(runs['converged'].sum())} of {len(runs)} models (test accuracy within "
+                     f"+-{CONVERGENCE_TOLERANCE:g} of its final value over the last third of training; "
+                     f"'moved' is the largest change there)")
+    else:
+        runs["converged"], runs["moved"] = False, np.nan
     keys = ["train_size", "lr", "weight_decay", "random_labels"]
     frame = runs.groupby(keys).agg(models=("model", "size"), train_acc=("train_acc", "mean"),
                                    test_acc=("test_acc", "mean"), grokked=("grokked", "sum"),
-                                   failed=("failed", "sum"), param_norm=("param_norm", "mean")).reset_index()
+                                   failed=("failed", "sum"), converged=("converged", "sum"),
+                                   moved=("moved", "max"), param_norm=("param_norm", "mean")).reset_index()
     return lines, frame

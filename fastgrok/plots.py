@@ -304,11 +304,13 @@ def plot_efficiency(mem, gen, out_prefix, n_buckets: int = 6):
 
 # ---------------------------------------------------------------- Figure 4
 
-def plot_ungrokking(d_prime, test_acc, weight_decay, out_prefix):
-    """Figure 4: test accuracy at convergence vs reduced dataset size D', one line per weight decay.
+def plot_ungrokking(d_prime, test_acc, weight_decay, out_prefix, when: str = "at convergence"):
+    """Figure 4: final test accuracy vs reduced dataset size D', one line per weight decay.
 
     One entry per run; runs sharing (D', weight decay) (seeds) are averaged
-    for the line and drawn individually as faint points.
+    for the line and drawn individually as faint points. ``when`` says what
+    "final" is: "at convergence" only if every run converged
+    (``fastgrok.analysis.converged``), else "at the end of training".
     """
     rows = _columns("ungrokking", d_prime=d_prime, test_acc=test_acc, weight_decay=weight_decay)
     decays = np.unique(rows["weight_decay"])
@@ -323,7 +325,7 @@ def plot_ungrokking(d_prime, test_acc, weight_decay, out_prefix):
         ax.plot(unique_sizes, np.bincount(inverse, weights=acc) / counts, marker="o", markersize=4,
                 color=colour, label=f"{wd:g}")
     ax.set_xlabel("Reduced dataset size D'")
-    ax.set_ylabel("Test accuracy at convergence")
+    ax.set_ylabel(f"Test accuracy {when}")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(title="weight decay")
@@ -394,10 +396,11 @@ def plot_sweep(steps, test_acc, out_prefix, final_acc=None,
 
 # ---------------------------------------------------------------- Figure 10
 
-def plot_logit_ratio(D, logit_ratio, test_acc, param_norm, out_prefix, n_buckets: int = 5):
+def plot_logit_ratio(D, logit_ratio, test_acc, param_norm, out_prefix, n_buckets: int = 5,
+                     when: str = "at convergence"):
     """Figure 10: C_gen/C_mem correct-logit ratio and test accuracy vs D, coloured by parameter-norm bucket.
 
-    One entry per run at convergence. Parameter norms are bucketed
+    One entry per run at its final evaluation; ``when`` as in ``plot_ungrokking``. Parameter norms are bucketed
     geometrically; each bucket's line is the median over runs at each D
     (ratios span orders of magnitude, so the mean would follow the largest).
     The ratio axis is logarithmic, symmetric-logarithmic if some ratio is <= 0
@@ -440,9 +443,45 @@ def plot_logit_ratio(D, logit_ratio, test_acc, param_norm, out_prefix, n_buckets
         ax.set_xlabel("Dataset size D")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", title="parameter norm bucket", title_fontsize="small")
-    fig.suptitle("Relative strength of the circuits at convergence")
+    fig.suptitle(f"Relative strength of the circuits {when}")
     return _save(fig, out_prefix)
 
 
-__all__ = ["geometric_buckets", "Buckets", "isologit_curves", "IsologitCurve", "plot_training_curves",
+# ---------------------------------------------------------------- D_crit
+
+def plot_dcrit(estimates, out_prefix, title: str = "Critical dataset size, three ways"):
+    """Each D_crit estimate (``fastgrok.analysis.Estimate``) as a point with its interval.
+
+    One row per (method, group); an estimate with no value is listed with
+    "none" and why; a sweep estimate from unconverged runs is drawn hollow
+    (an upper bound).
+    """
+    if not estimates:
+        raise ValueError("dcrit: no estimates to draw")
+    fig = Figure(figsize=(8.0, 1.2 + 0.45 * len(estimates)), layout="constrained")
+    ax = fig.subplots()
+    colours = {"ungrokking": "tab:blue", "efficiency": "tab:orange", "sweep": "tab:green"}
+    labels = []
+    for i, e in enumerate(estimates):
+        y = len(estimates) - 1 - i
+        colour = colours.get(e.method, "black")
+        label = f"{e.method}, {e.group} ({e.n_converged}/{e.n_runs} converged)"
+        if np.isfinite(e.value):
+            if np.isfinite(e.low):
+                ax.plot([e.low, e.high], [y, y], color=colour, linewidth=2)
+            hollow = e.method == "sweep" and e.n_converged < e.n_runs
+            ax.plot([e.value], [y], marker="o", markersize=7, color=colour,
+                    markerfacecolor="white" if hollow else colour)
+        else:
+            label += ": none"
+        labels.append((y, label))
+    ax.set_yticks([y for y, _ in labels], [text for _, text in labels], fontsize="small")
+    ax.set_xscale("log")
+    ax.set_xlabel("D_crit (training-set size); bars: interval, hollow: upper bound")
+    ax.grid(alpha=0.3, which="both", axis="x")
+    ax.set_title(title)
+    return _save(fig, out_prefix)
+
+
+__all__ = ["plot_dcrit", "geometric_buckets", "Buckets", "isologit_curves", "IsologitCurve", "plot_training_curves",
            "plot_toy", "plot_efficiency", "plot_ungrokking", "plot_sweep", "plot_logit_ratio"]

@@ -45,6 +45,10 @@ def run(argv, capsys):
     (["efficiency", "--preset", "cpu", "--task", "x*y"], "defined for x+y only"),
     (["efficiency", "--preset", "cpu", "--mem-sizes", "5:1:0"], "COUNT=0"),
     (["toy", "--steps", "-5"], "--steps -5: must be >= 1"),
+    (["grok", "--preset", "cpu", "--steps", "100", "--until-converged", "50"],
+     "--until-converged 50: the step cap must be >= --steps (100)"),
+    (["grok", "--preset", "cpu", "--until-converged", "500", "--shard", "0/2"], "shards would stop at different"),
+    (["grok", "--preset", "cpu", "--precision", "fp16"], "invalid choice: 'fp16'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, named, capsys, tmp_path, monkeypatch):
@@ -260,3 +264,48 @@ def test_warnings_are_one_notice_line(tmp_path, capsys):
     assert main(argv) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fastgrok: notice: backend 'triton' unavailable"), err
+
+
+def test_until_converged_doubles_the_steps_until_the_runs_hold_still(tmp_path, capsys):
+    """p = 7 memorises and stays at its test accuracy within tens of steps; a cap far above
+    shows the loop stops by convergence, and a cap at the first steps shows it stops there."""
+    from fastgrok.analysis import converged
+    from fastgrok.store import read_run
+
+    out = tmp_path / "g.h5"
+    code, stdout, err = run(["grok", *TINY, "--sizes", "30", "--seeds", "2", "--until-converged", "640",
+                             "--out", str(out), "--no-plot"], capsys)
+    assert code == 0, err
+    data = read_run(out)
+    done = converged(data.steps, data.metrics["test_acc"])
+    assert data.complete and 20 <= data.target_steps <= 640
+    assert done.all() or data.target_steps == 640, stdout
+    assert f"converged by step {data.target_steps:,}" in stdout
+    if data.target_steps > 20:       # each extension is a doubling, announced
+        assert "still moving; continuing to step 40" in stdout
+
+
+def test_dcrit_reads_an_ungrokking_file_and_draws_the_estimates(tmp_path, capsys):
+    out = tmp_path / "u.h5"
+    code, _, err = run(["ungrok", *TINY, "--sizes", "5,15,30", "--seeds", "2", "--wd", "1,2", "--pretrain-steps",
+                        "40", "--out", str(out), "--no-plot"], capsys)
+    assert code == 0, err
+    code, stdout, err = run(["dcrit", str(out)], capsys)
+    assert code == 0, err
+    lines = [line for line in stdout.splitlines() if line.startswith("ungrokking")]
+    assert [line.split()[1:3] for line in lines] == [["wd", "1"], ["wd", "2"]]
+    assert "converged" in lines[0] and (tmp_path / "u_dcrit.png").stat().st_size > 0
+    code, _, err = run(["dcrit", str(tmp_path / "u.pretrain.h5")], capsys)
+    assert code == 2 and "ungrok.pretrain" in err
+
+
+def test_the_precision_is_recorded_and_a_resume_must_keep_it(tmp_path, capsys):
+    from fastgrok.store import read_run
+
+    out = tmp_path / "g.h5"
+    assert run(["grok", *TINY, "--sizes", "20", "--seeds", "1", "--precision", "bf16", "--out", str(out),
+                "--no-plot"], capsys)[0] == 0
+    assert read_run(out).header.precision == "bf16"
+    code, _, err = run(["grok", *TINY, "--steps", "30", "--sizes", "20", "--seeds", "1", "--precision", "tf32",
+                        "--out", str(out), "--resume", "--no-plot"], capsys)
+    assert code == 2 and "precision" in err and "bf16" in err
