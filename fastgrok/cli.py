@@ -97,6 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     mrg = sub.add_parser("merge", help="join shard files into the file an unsharded run writes")
     mrg.add_argument("out", type=Path)
     mrg.add_argument("shards", type=Path, nargs="+")
+    pr = sub.add_parser("precision", help="does matmul precision change grokking? the same seeds per precision")
+    pr.add_argument("--preset", default="cpu", help="model/task preset (default cpu)")
+    pr.add_argument("--p", type=int, help="modulus, default the preset's")
+    pr.add_argument("--precisions", default="fp32,tf32,bf16", help="comma list (default fp32,tf32,bf16)")
+    pr.add_argument("--seeds", type=int, default=16, help="seeds of the grokking configuration (default 16)")
+    pr.add_argument("--steps", type=int, help="grokking steps (default: the grok experiment's)")
+    pr.add_argument("--sizes", help="training-set size of the grokking runs (default: the grok experiment's)")
+    pr.add_argument("--ungrok", default="", metavar="OPTIONS",
+                    help="also an ungrokking run per precision with these fastgrok ungrok options, quoted, "
+                         "e.g. '--sizes 120:300:7 --seeds 2 --wd 3 --steps 8000' (default: none)")
+    pr.add_argument("--backend", default="auto", choices=BACKENDS, help="training backend (default auto)")
+    pr.add_argument("--out-dir", type=Path, help="where the run files go (default runs/precision-<preset>); "
+                                                 "files there are resumed, complete ones reused")
+    pr.add_argument("--quiet", action="store_true", help="no progress display")
+    pr.add_argument("--progress-every", type=float, default=60.0, metavar="SECONDS")
     dc = sub.add_parser("dcrit", help="the critical dataset size from ungrok, efficiency and sweep files")
     dc.add_argument("files", type=Path, nargs="+")
     dc.add_argument("--out", type=Path, help="figure path prefix (default: beside the first file, _dcrit)")
@@ -535,6 +550,47 @@ def cmd_plot(args):
         print(f"figure: {path}")
 
 
+def cmd_precision(args):
+    import shlex
+
+    from fastgrok import plots
+    from fastgrok.precision_study import compare, format_table, study_statistics
+    from fastgrok.store import read_run
+
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    for p in precisions:
+        if p not in PRECISIONS:
+            raise UsageError(f"--precisions: {p!r} is not a precision; valid: {', '.join(PRECISIONS)}")
+    if "fp32" not in precisions:
+        raise UsageError(f"--precisions {args.precisions}: the study compares against fp32; include it")
+    check_seeds(args.seeds)
+    ungrok_options = shlex.split(args.ungrok)
+    for option in ("--precision", "--out", "--preset", "--backend"):
+        if option in ungrok_options:
+            raise UsageError(f"--ungrok: {option} is set by the study itself; leave it out")
+    directory = args.out_dir or Path("runs") / f"precision-{args.preset}"
+    common = ["--preset", args.preset, *(["--p", str(args.p)] if args.p is not None else []), "--backend", args.backend, "--resume", "--no-plot",
+              "--progress-every", str(args.progress_every)] + (["--quiet"] if args.quiet else [])
+    by_precision = {}
+    for p in precisions:
+        grok_file, ungrok_file = directory / f"grok-{p}.h5", directory / f"ungrok-{p}.h5"
+        steps = (["--steps", str(args.steps)] if args.steps is not None else []) + \
+            (["--sizes", args.sizes] if args.sizes else [])
+        if main(["grok", *common, "--seeds", str(args.seeds), *steps, "--precision", p,
+                 "--out", str(grok_file)]) != 0:
+            raise UsageError(f"precision study: the {p} grokking run failed (see above)")
+        if ungrok_options and main(["ungrok", *common, *ungrok_options, "--precision", p,
+                                    "--out", str(ungrok_file)]) != 0:
+            raise UsageError(f"precision study: the {p} ungrokking run failed (see above)")
+        by_precision[p] = study_statistics(read_run(grok_file), read_run(ungrok_file) if ungrok_options else None)
+    table = format_table(compare(by_precision))
+    (directory / "study.txt").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+    title = f"Matmul precision and grokking: {args.seeds} seeds, preset {args.preset}"
+    for figure in plots.plot_precision_study(by_precision, directory / "precision", title):
+        print(f"figure: {figure}")
+
+
 def cmd_dcrit(args):
     from fastgrok import plots
     from fastgrok.analysis import dcrit
@@ -582,7 +638,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_grid(args, args.command)
         else:
             {"ungrok": cmd_ungrok, "efficiency": cmd_efficiency, "toy": cmd_toy, "merge": cmd_merge,
-             "plot": cmd_plot, "info": cmd_info, "dcrit": cmd_dcrit}[args.command](args)
+             "plot": cmd_plot, "info": cmd_info, "dcrit": cmd_dcrit,
+             "precision": cmd_precision}[args.command](args)
     except (UsageError, ValueError, FileExistsError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"fastgrok: error: {message}", file=sys.stderr)

@@ -447,6 +447,37 @@ def plot_logit_ratio(D, logit_ratio, test_acc, param_norm, out_prefix, n_buckets
     return _save(fig, out_prefix)
 
 
+# ---------------------------------------------------------------- precision study
+
+def plot_precision_study(by_precision: dict[str, dict[str, np.ndarray]], out_prefix, title: str):
+    """The precision study (``fastgrok.precision_study``): one panel per statistic, every seed
+    as a point per precision, the median as a bar; a seed that never reached the level hollow."""
+    statistics = list(next(iter(by_precision.values())))
+    fig = Figure(figsize=(3.6 * len(statistics), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(statistics), squeeze=False)[0]
+    colours = matplotlib.colormaps["tab10"](np.arange(len(by_precision)))
+    rng = np.random.default_rng(0)
+    for ax, statistic in zip(axes, statistics):
+        finite_max = max((v[np.isfinite(v)].max(initial=0) for v in
+                          (s[statistic] for s in by_precision.values())), default=1.0)
+        for i, ((precision, stats), colour) in enumerate(zip(by_precision.items(), colours)):
+            x = stats[statistic]
+            # A seed that never reached the level is drawn above the others, hollow.
+            shown = np.where(np.isfinite(x), x, finite_max * 1.08)
+            jitter = i + rng.uniform(-0.15, 0.15, len(x))
+            ax.scatter(jitter[np.isfinite(x)], shown[np.isfinite(x)], color=colour, s=14)
+            ax.scatter(jitter[~np.isfinite(x)], shown[~np.isfinite(x)], facecolors="none", edgecolors=colour, s=14)
+            median = float(np.median(x))
+            if np.isfinite(median):
+                ax.plot([i - 0.3, i + 0.3], [median, median], color="black", linewidth=1.5)
+        ax.set_xticks(range(len(by_precision)), list(by_precision))
+        ax.set_title(statistic + (" (hollow: never)" if "step" in statistic or "D'" in statistic else ""),
+                     fontsize="medium")
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(title)
+    return _save(fig, out_prefix)
+
+
 # ---------------------------------------------------------------- D_crit
 
 def plot_dcrit(estimates, out_prefix, title: str = "Critical dataset size, three ways"):
@@ -483,5 +514,5 @@ def plot_dcrit(estimates, out_prefix, title: str = "Critical dataset size, three
     return _save(fig, out_prefix)
 
 
-__all__ = ["plot_dcrit", "geometric_buckets", "Buckets", "isologit_curves", "IsologitCurve", "plot_training_curves",
+__all__ = ["plot_precision_study", "plot_dcrit", "geometric_buckets", "Buckets", "isologit_curves", "IsologitCurve", "plot_training_curves",
            "plot_toy", "plot_efficiency", "plot_ungrokking", "plot_sweep", "plot_logit_ratio"]
