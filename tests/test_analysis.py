@@ -103,3 +103,12 @@ def test_sweep_estimate_is_an_upper_bound_unless_its_runs_converged():
     (est,) = dcrit_sweep(fake_file("sweep", runs, {"test_acc": np.stack(histories)}))
     assert est.value == pytest.approx(math.exp(math.log(600) + (2 / 3) * math.log(800 / 600)))
     assert est.n_converged == 0 and "upper bound" in est.note
+
+
+def test_figures_say_at_convergence_only_when_every_run_converged():
+    from fastgrok.experiments import when_measured
+
+    flat, climbing = curve(lambda s: 0.5), curve(lambda s: s / 3000)
+    assert when_measured(fake_file("ungrok", [], {"test_acc": np.stack([flat, flat])})) == "at convergence"
+    assert when_measured(fake_file("ungrok", [], {"test_acc": np.stack([flat, climbing])})) == \
+        "at the end of training (1/2 runs converged)"
