@@ -65,15 +65,15 @@ def round_mantissa(x: Tensor, bits: int) -> Tensor:
     if drop <= 0:
         return x.clone()
     i = x.contiguous().view(int_dtype)
-    odd = (i >> drop) & 1
-    rounded = ((i + ((1 << (drop - 1)) - 1) + odd) & ~((1 << drop) - 1)).view(x.dtype)
-    return torch.where(torch.isnan(x), x, rounded)
+    rounded = (i >> drop).bitwise_and_(1).add_(i).add_((1 << (drop - 1)) - 1).bitwise_and_(~((1 << drop) - 1))
+    rounded = rounded.view(x.dtype)
+    return rounded.where(x == x, x)          # x != x: NaN
 
 
 def round_to(x: Tensor, precision: str) -> Tensor:
     """The operand as a tensor core of this precision takes it (fp32: unchanged)."""
     if precision in MANTISSA_BITS:
-        return round_mantissa(x, MANTISSA_BITS[precision])
+        return operand(x, precision)
     if precision == "fp32":
         return x
     raise ValueError(f"round_to: precision={precision!r} has no single rounding; valid: fp32, tf32, bf16")
@@ -85,14 +85,40 @@ def split_bf16(x: Tensor) -> tuple[Tensor, Tensor]:
     return hi, round_mantissa(x - hi, 7)
 
 
+# A prepared operand: the tensor itself (fp32), its rounding (tf32, bf16), or its
+# (hi, lo) split (bf16x3). An engine prepares each operand once and reuses it in
+# every product it enters, transposed or not.
+Operand = Tensor | tuple[Tensor, Tensor]
+
+
+def operand(x: Tensor, precision: str) -> Operand:
+    """x as every product at ``precision`` takes it."""
+    if precision == "fp32":
+        return x
+    if precision in MANTISSA_BITS:
+        return round_mantissa(x, MANTISSA_BITS[precision])
+    if precision == "bf16x3":
+        return split_bf16(x)
+    raise ValueError(f"precision={precision!r}; valid: {', '.join(PRECISIONS)}")
+
+
+def transposed(op: Operand) -> Operand:
+    """The last two dimensions of a prepared operand swapped."""
+    return tuple(t.transpose(-1, -2) for t in op) if isinstance(op, tuple) else op.transpose(-1, -2)
+
+
+def product(a: Operand, b: Operand) -> Tensor:
+    """a @ b of two prepared operands (batched like torch.matmul)."""
+    if isinstance(a, tuple):
+        (a_hi, a_lo), (b_hi, b_lo) = a, b
+        return a_hi @ b_hi + (a_hi @ b_lo + a_lo @ b_hi)
+    return a @ b
+
+
 def matmul(a: Tensor, b: Tensor, precision: str) -> Tensor:
     """a @ b (batched like torch.matmul) with the operands taken at ``precision``."""
-    if precision == "bf16x3":
-        a_hi, a_lo = split_bf16(a)
-        b_hi, b_lo = split_bf16(b)
-        return a_hi @ b_hi + (a_hi @ b_lo + a_lo @ b_hi)
-    return round_to(a, precision) @ round_to(b, precision)
+    return product(operand(a, precision), operand(b, precision))
 
 
-__all__ = ["PRECISIONS", "MANTISSA_BITS", "check_precision", "round_mantissa", "round_to", "split_bf16",
-           "matmul"]
+__all__ = ["PRECISIONS", "MANTISSA_BITS", "check_precision", "round_mantissa", "round_to",
+           "split_bf16", "Operand", "operand", "transposed", "product", "matmul"]

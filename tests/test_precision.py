@@ -88,11 +88,26 @@ def test_rounding_equals_the_definition_on_random_float32(precision):
 
 
 def test_bf16_rounding_equals_torchs_conversion():
-    """An independent implementation of the same rule: torch's float32 -> bfloat16 cast."""
+    """An independent implementation of the same rule: torch's float32 -> bfloat16 cast
+    (normal numbers only: a CPU's bf16 conversion instruction may flush subnormals)."""
     rng = np.random.default_rng(1)
     x = torch.from_numpy(rng.integers(0, 2**32, 100_000, dtype=np.uint64).astype(np.uint32).view(np.float32))
-    x = x[~torch.isnan(x)]
+    x = x[torch.isfinite(x) & (x.abs() >= torch.finfo(torch.float32).tiny)]
     assert torch.equal(mp.round_to(x, "bf16").view(torch.int32), x.bfloat16().float().view(torch.int32))
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16", "bf16x3"])
+def test_prepared_operands_give_the_products_of_rounded_operands(precision):
+    """What the engines use (an operand prepared once, then transposed or not) against the
+    definition: the product of the operands rounded by the reference above, in float64."""
+    a, b = torch.randn(3, 5, 7), torch.randn(3, 7, 4)
+    want = mp.matmul(a.double(), b.double(), precision)    # float64 arithmetic on the same roundings
+    got = mp.product(mp.transposed(mp.transposed(mp.operand(a, precision))), mp.operand(b, precision))
+    assert torch.allclose(got.double(), want, rtol=0, atol=1e-5)
+    bits = {"tf32": 10, "bf16": 7}.get(precision)
+    if bits is not None:
+        ref = torch.tensor([reference_round(v, bits) for v in a.reshape(-1).tolist()]).reshape(a.shape)
+        assert torch.equal(mp.operand(a, precision), ref)
 
 
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])

@@ -92,10 +92,13 @@ class Cache:
     a: Tensor         # (M, N, H, 4) attention pattern of the last position
     Vx: Tensor        # (M, N, H, Dh) values gathered at x
     Vy: Tensor        # (M, N, H, Dh)
-    z: Tensor         # (M, N, H*Dh)
-    resid_mid: Tensor # (M, N, D)
-    hidden: Tensor    # (M, N, F) relu output; hidden > 0 is the relu mask
-    resid_fin: Tensor # (M, N, D)
+    # The operands of the products, prepared at the step's precision
+    # (``fastgrok.precision.operand``: the tensors themselves in fp32).
+    z: mp.Operand           # (M, N, H*Dh)
+    resid_mid: mp.Operand   # (M, N, D)
+    hidden: Tensor          # (M, N, F) relu output; hidden > 0 is the relu mask
+    hidden_op: mp.Operand
+    resid_fin: mp.Operand   # (M, N, D)
 
 
 @dataclass
@@ -119,29 +122,52 @@ def tables_forward(p: dict[str, Tensor], rows: TokenRows, row_index: tuple[Tenso
     return Tables(R_tab, K_tab, V_tab, q, S_tab)
 
 
-def _addmm(bias: Tensor, a: Tensor, b: Tensor, precision: str) -> Tensor:
-    """bias + a @ b (batched), the product's operands taken at ``precision``."""
-    return torch.baddbmm(bias, a, b) if precision == "fp32" else bias + mp.matmul(a, b, precision)
+def _addmm(bias: Tensor, a: mp.Operand, b: mp.Operand) -> Tensor:
+    """bias + a @ b (batched) of prepared operands (``fastgrok.precision.operand``)."""
+    if isinstance(a, tuple):
+        out = torch.baddbmm(bias, a[0], b[1])
+        _accumulate(out, a, b, cross_terms_done=True)
+        return out
+    return torch.baddbmm(bias, a, b)
 
 
-def _mm(a: Tensor, b: Tensor, precision: str) -> Tensor:
-    return torch.bmm(a, b) if precision == "fp32" else mp.matmul(a, b, precision)
+def _mm(a: mp.Operand, b: mp.Operand) -> Tensor:
+    if isinstance(a, tuple):
+        out = torch.bmm(a[0], b[1])
+        _accumulate(out, a, b, cross_terms_done=True)
+        return out
+    return torch.bmm(a, b)
 
 
-def _accumulate(out: Tensor, a: Tensor, b: Tensor, precision: str) -> None:
-    """out += a @ b in place, the product's operands taken at ``precision``."""
-    if precision == "fp32":
-        out.baddbmm_(a, b)
+def _accumulate(out: Tensor, a: mp.Operand, b: mp.Operand, cross_terms_done: bool = False) -> None:
+    """out += a @ b in place, of prepared operands. bf16x3 adds the small cross terms
+    hi @ lo and lo @ hi before hi @ hi, so they are not lost under the large one."""
+    if isinstance(a, tuple):
+        if not cross_terms_done:
+            out.baddbmm_(a[0], b[1])
+        out.baddbmm_(a[1], b[0])
+        out.baddbmm_(a[0], b[0])
     else:
-        out.add_(mp.matmul(a, b, precision))
+        out.baddbmm_(a, b)
+
+
+def weight_operands(p: dict[str, Tensor], precision: str) -> dict[str, mp.Operand]:
+    """W_O (as (M, H*Dh, D)), W_in, W_out, W_U prepared once per step for every product they enter."""
+    M, H, Dh, D = p["W_O"].shape
+    weights = {"W_O": p["W_O"].view(M, H * Dh, D), "W_in": p["W_in"], "W_out": p["W_out"], "W_U": p["W_U"]}
+    return {k: mp.operand(v, precision) for k, v in weights.items()}
 
 
 def examples_forward(p: dict[str, Tensor], rows: TokenRows, tab: Tables, x: Tensor, y: Tensor,
-                     keep_cache: bool = True, precision: str = "fp32") -> tuple[Tensor, Cache | None]:
+                     keep_cache: bool = True, precision: str = "fp32",
+                     weights: dict[str, mp.Operand] | None = None) -> tuple[Tensor, Cache | None]:
     """Last-position logits (M, N, V) of M models on examples (x, y) of shape (M, N).
 
     precision: how the products with W_O, W_in, W_out and W_U take their
-    operands (``fastgrok.precision``).
+    operands (``fastgrok.precision``); ``weights``: those weights already
+    prepared for it (``weight_operands``), else prepared here. Each
+    activation is prepared once, for the forward product and, in the cache,
+    for the backward's.
     """
     M, N = x.shape
     _, R, H, Dh = tab.V_tab.shape
@@ -164,44 +190,54 @@ def examples_forward(p: dict[str, Tensor], rows: TokenRows, tab: Tables, x: Tens
          + a[..., 1:2] * tab.V_tab[:, rows.op_row].unsqueeze(1)
          + a[..., 3:4] * tab.V_tab[:, rows.eq_row].unsqueeze(1)).view(M, N, H * Dh)
 
-    W_O = p["W_O"].view(M, H * Dh, -1)                                       # (M, H*Dh, D)
-    resid_mid = _addmm(tab.c.unsqueeze(1), z, W_O, precision)                # (M, N, D)
-    hidden = _addmm(p["b_in"].unsqueeze(1), resid_mid, p["W_in"], precision).relu_()  # (M, N, F)
-    resid_fin = _addmm(p["b_out"].unsqueeze(1), hidden, p["W_out"], precision).add_(resid_mid)
-    logits = _mm(resid_fin, p["W_U"], precision)                             # (M, N, V)
+    W = weight_operands(p, precision) if weights is None else weights
+    z_op = mp.operand(z, precision)
+    resid_mid = _addmm(tab.c.unsqueeze(1), z_op, W["W_O"])                  # (M, N, D)
+    mid_op = mp.operand(resid_mid, precision)
+    hidden = _addmm(p["b_in"].unsqueeze(1), mid_op, W["W_in"]).relu_()      # (M, N, F)
+    hidden_op = mp.operand(hidden, precision)
+    resid_fin = _addmm(p["b_out"].unsqueeze(1), hidden_op, W["W_out"]).add_(resid_mid)
+    fin_op = mp.operand(resid_fin, precision)
+    logits = _mm(fin_op, W["W_U"])                                           # (M, N, V)
     if not keep_cache:
         return logits, None
-    return logits, Cache(rows_x, rows_y, a, Vx, Vy, z, resid_mid, hidden, resid_fin)
+    return logits, Cache(rows_x, rows_y, a, Vx, Vy, z_op, mid_op, hidden, hidden_op, fin_op)
 
 
 def examples_backward(p: dict[str, Tensor], g: dict[str, Tensor], rows: TokenRows, tab: Tables,
-                      cache: Cache, dlogits: Tensor, acc: TableGrads, precision: str = "fp32") -> None:
+                      cache: Cache, dlogits: Tensor, acc: TableGrads, precision: str = "fp32",
+                      weights: dict[str, mp.Operand] | None = None) -> None:
     """Accumulate the gradients of sum(dlogits * logits) of one chunk.
 
     Weight gradients are added into ``g`` (W_U, b_out, W_out, b_in, W_in, W_O);
-    gradients w.r.t. the row tables into ``acc``. ``precision`` as in
-    ``examples_forward``, for both operands of every backward product.
+    gradients w.r.t. the row tables into ``acc``. ``precision`` and ``weights``
+    as in ``examples_forward``, for both operands of every backward product.
     """
     M, N, _ = dlogits.shape
     _, R, H, Dh = tab.V_tab.shape
     C = cache
+    W = weight_operands(p, precision) if weights is None else weights
+    T = mp.transposed
 
     # Unembedding and MLP.
-    _accumulate(g["W_U"], C.resid_fin.transpose(1, 2), dlogits, precision)
-    dresid = _mm(dlogits, p["W_U"].transpose(1, 2), precision)              # (M, N, D)
+    dlogits_op = mp.operand(dlogits, precision)
+    _accumulate(g["W_U"], T(C.resid_fin), dlogits_op)
+    dresid = _mm(dlogits_op, T(W["W_U"]))                                    # (M, N, D)
     g["b_out"].add_(dresid.sum(1))
-    _accumulate(g["W_out"], C.hidden.transpose(1, 2), dresid, precision)
-    dpre = _mm(dresid, p["W_out"].transpose(1, 2), precision)               # (M, N, F)
+    dresid_op = mp.operand(dresid, precision)
+    _accumulate(g["W_out"], T(C.hidden_op), dresid_op)
+    dpre = _mm(dresid_op, T(W["W_out"]))                                     # (M, N, F)
     dpre = torch.ops.aten.threshold_backward(dpre, C.hidden, 0)              # relu'
     g["b_in"].add_(dpre.sum(1))
-    _accumulate(g["W_in"], C.resid_mid.transpose(1, 2), dpre, precision)
-    _accumulate(dresid, dpre, p["W_in"].transpose(1, 2), precision)          # d resid_mid
+    dpre_op = mp.operand(dpre, precision)
+    _accumulate(g["W_in"], T(C.resid_mid), dpre_op)
+    _accumulate(dresid, dpre_op, T(W["W_in"]))                               # d resid_mid
     acc.dc.add_(dresid.sum(1))
 
     # Attention output: resid_mid = c + z @ W_O.
-    W_O = p["W_O"].view(M, H * Dh, -1)
-    _accumulate(g["W_O"].view(M, H * Dh, -1), C.z.transpose(1, 2), dresid, precision)
-    dz = _mm(dresid, W_O.transpose(1, 2), precision).view(M, N, H, Dh)
+    dmid_op = mp.operand(dresid, precision)
+    _accumulate(g["W_O"].view(M, H * Dh, -1), T(C.z), dmid_op)
+    dz = _mm(dmid_op, T(W["W_O"])).view(M, N, H, Dh)
 
     # z = sum_t a_t v_t over the four positions, then the softmax.
     V_op = tab.V_tab[:, rows.op_row].unsqueeze(1)                            # (M, 1, H, Dh)
@@ -288,15 +324,16 @@ class TorchBackend:
                          dS=tab.S_tab.new_zeros(M * rows.R, H),
                          dc=tab.R_tab.new_zeros(M, state.cfg.d_model))
         loss = tab.R_tab.new_zeros(M)
+        weights = weight_operands(p, state.precision)
         for s in range(0, state.train_x.shape[1], self.chunk):
             sl = slice(s, s + self.chunk)
             logits, cache = examples_forward(p, rows, tab, state.train_x[:, sl], state.train_y[:, sl],
-                                             precision=state.precision)
+                                             precision=state.precision, weights=weights)
             ex_loss, dlogits = stable_cross_entropy_fwd_bwd(logits, state.train_labels[:, sl])
             w = state.train_weight[:, sl]
             dlogits.mul_(w.unsqueeze(-1))
             loss += (ex_loss * w).sum(1)
-            examples_backward(p, g, rows, tab, cache, dlogits, acc, state.precision)
+            examples_backward(p, g, rows, tab, cache, dlogits, acc, state.precision, weights)
         tables_backward(p, g, rows, index, tab, acc)
         return loss
 
