@@ -47,8 +47,10 @@ DEFAULTS: dict[str, dict[str, dict]] = {
     "cpu": {
         "sweep": dict(sizes="600:1000:5", seeds=4, steps=6_000),
         "grok": dict(sizes="925", seeds=4, steps=5_000),
-        "ungrok": dict(pretrain_steps=1_500, sizes="geom:100:900:6", seeds=2,
-                       wd="1,2,3", steps=4_000),
+        # D' around this model's D_crit (~210), long enough for wd >= 2 to converge:
+        # middling test accuracy that holds, at the same D' for every weight decay.
+        "ungrok": dict(pretrain_steps=1_500, sizes="120:300:7", seeds=2,
+                       wd="2,3,4", steps=16_000),
         "efficiency": dict(mem_sizes="geom:100:400:3", gen_sizes="1100:1700:3", seeds=2,
                            wd="0.5,1,2", steps=3_000),
     },
