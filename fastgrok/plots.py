@@ -507,9 +507,11 @@ def plot_dcrit(estimates, out_prefix, title: str = "Critical dataset size, three
             label += ": none"
         labels.append((y, label))
     ax.set_yticks([y for y, _ in labels], [text for _, text in labels], fontsize="small")
-    ax.set_xscale("log")
+    shown = [v for e in estimates for v in (e.value, e.low, e.high) if np.isfinite(v) and v > 0]
+    if shown and max(shown) / min(shown) > 10:     # estimates a decade apart: a log axis
+        ax.set_xscale("log")
     ax.set_xlabel("D_crit (training-set size); bars: interval, hollow: upper bound")
-    ax.grid(alpha=0.3, which="both", axis="x")
+    ax.grid(alpha=0.3, axis="x")
     ax.set_title(title)
     return _save(fig, out_prefix)
 

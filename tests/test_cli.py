@@ -309,3 +309,19 @@ def test_the_precision_is_recorded_and_a_resume_must_keep_it(tmp_path, capsys):
     code, _, err = run(["grok", *TINY, "--steps", "30", "--sizes", "20", "--seeds", "1", "--precision", "tf32",
                         "--out", str(out), "--resume", "--no-plot"], capsys)
     assert code == 2 and "precision" in err and "bf16" in err
+
+
+def test_precision_study_trains_each_precision_and_compares_them(tmp_path, capsys):
+    code, stdout, err = run(["precision", "--preset", "cpu", "--p", "7", "--sizes", "30", "--steps", "30",
+                             "--seeds", "4", "--precisions", "fp32,bf16", "--backend", "torch", "--quiet",
+                             "--out-dir", str(tmp_path)], capsys)
+    assert code == 0, err
+    from fastgrok.store import read_run
+
+    assert [read_run(tmp_path / f"grok-{p}.h5").header.precision for p in ("fp32", "bf16")] == ["fp32", "bf16"]
+    table = (tmp_path / "study.txt").read_text().splitlines()
+    rows = [line.split() for line in table if line.startswith("final test accuracy")]
+    assert [r[3] for r in rows] == ["fp32", "bf16"] and int(rows[1][4]) == 4     # precision, seeds
+    assert (tmp_path / "precision.png").stat().st_size > 0
+    code, _, err = run(["precision", "--precisions", "tf32,bf16", "--out-dir", str(tmp_path / "x")], capsys)
+    assert code == 2 and "include it" in err
