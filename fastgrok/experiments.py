@@ -51,8 +51,10 @@ DEFAULTS: dict[str, dict[str, dict]] = {
         # middling test accuracy that holds, at the same D' for every weight decay.
         "ungrok": dict(pretrain_steps=1_500, sizes="120:300:7", seeds=2,
                        wd="2,3,4", steps=16_000),
-        "efficiency": dict(mem_sizes="geom:100:400:3", gen_sizes="1100:1700:3", seeds=2,
-                           wd="0.5,1,2", steps=3_000),
+        # 15 runs per size (3 seeds x 5 weight decays), converged: enough to fill
+        # the isologit buckets of Fig. 3 at every size.
+        "efficiency": dict(mem_sizes="geom:100:400:4", gen_sizes="1100:1700:3", seeds=3,
+                           wd="0.7,1,1.4,2,2.8", steps=5_000),
     },
 }
 

@@ -298,6 +298,12 @@ def plot_efficiency(mem, gen, out_prefix, n_buckets: int = 6):
         # Outside the axes: the curves fill the panel wherever the legend would go.
         curve_ax.legend(fontsize="small", title="correct logit bucket", title_fontsize="small",
                         loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    # One norm scale for both families' isologit curves: a flat C_gen curve is only
+    # flat next to the C_mem curves' rise, not on an axis zoomed into its own wiggles.
+    low = min(ax.get_ylim()[0] for ax in axes[:, 1])
+    high = max(ax.get_ylim()[1] for ax in axes[:, 1])
+    for ax in axes[:, 1]:
+        ax.set_ylim(low, high)
     fig.suptitle("Efficiency of memorisation and generalisation")
     return _save(fig, out_prefix)
 
