@@ -93,6 +93,6 @@ ext_modules = []
 if Pybind11Extension is not None and os.path.exists("csrc/engine.cpp"):
     ext_modules.append(Pybind11Extension(
         CPU_ENGINE, ["csrc/engine.cpp", "csrc/bindings.cpp"], include_dirs=["csrc"], cxx_std=17,
-        depends=["csrc/engine.hpp", "csrc/gemm.hpp", "csrc/vec.hpp"]))
+        depends=["csrc/engine.hpp", "csrc/gemm.hpp", "csrc/precision.hpp", "csrc/vec.hpp"]))
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": OptionalCpuEngineBuild})

@@ -71,6 +71,49 @@ int checked_dims(int n, int d_vocab, int d_model, int n_heads, int d_head, int d
     return n;
 }
 
+fastgrok::Precision parse_precision(const std::string& name) {
+    if (name == "fp32") return fastgrok::Precision::fp32;
+    if (name == "tf32") return fastgrok::Precision::tf32;
+    if (name == "bf16") return fastgrok::Precision::bf16;
+    if (name == "bf16x3") return fastgrok::Precision::bf16x3;
+    throw py::value_error("precision='" + name + "'; valid: fp32, tf32, bf16, bf16x3");
+}
+
+// x rounded to `bits` explicit mantissa bits on its bit pattern (a new array
+// of x's dtype and shape): the engine's rounding, for the test against
+// fastgrok.precision.round_mantissa.
+template <typename Real>
+py::array round_mantissa_array(const py::array& x, int bits) {
+    if (!(x.flags() & py::array::c_style))
+        throw py::value_error("x: must be C-contiguous");
+    py::array_t<Real> out(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+    const Real* src = static_cast<const Real*>(x.data());
+    {
+        py::gil_scoped_release release;
+        fastgrok::round_mantissa(src, out.mutable_data(), std::size_t(x.size()), bits);
+    }
+    return out;
+}
+
+py::array round_mantissa(const py::array& x, int bits) {
+    const bool f64 = py::dtype::of<double>().is(x.dtype());
+    if (!f64 && !py::dtype::of<float>().is(x.dtype()))
+        throw py::type_error("x: dtype " + std::string(py::str(x.dtype())) + ", expected float32 or float64");
+    const int mantissa = f64 ? 52 : 23;
+    if (bits < 0 || bits > mantissa)
+        throw py::value_error("bits=" + std::to_string(bits) + ": must be in 0.." + std::to_string(mantissa));
+    return f64 ? round_mantissa_array<double>(x, bits) : round_mantissa_array<float>(x, bits);
+}
+
+std::string name_of(fastgrok::Precision p) {
+    switch (p) {
+        case fastgrok::Precision::tf32: return "tf32";
+        case fastgrok::Precision::bf16: return "bf16";
+        case fastgrok::Precision::bf16x3: return "bf16x3";
+        default: return "fp32";
+    }
+}
+
 class PyEngine {
   public:
     // The dimensions, fastgrok.layout's ParamLayout (param_offsets: the offsets
@@ -79,8 +122,9 @@ class PyEngine {
     PyEngine(int n, int d_vocab, int d_model, int n_heads, int d_head, int d_mlp, int n_ctx,
              const py::array& param_offsets, const py::array& row_token, const py::array& row_pos, int op_row,
              int first_y_row, int eq_row, const py::array& x, const py::array& y, const py::array& labels,
-             const py::array& train_size)
-        : shape_(checked_dims(n, d_vocab, d_model, n_heads, d_head, d_mlp, n_ctx), d_vocab, d_model, n_heads, d_head,
+             const py::array& train_size, const std::string& precision)
+        : precision_(parse_precision(precision)),
+          shape_(checked_dims(n, d_vocab, d_model, n_heads, d_head, d_mlp, n_ctx), d_vocab, d_model, n_heads, d_head,
                  d_mlp, n_ctx,
                  fastgrok::TokenRows(n, d_vocab, n_ctx, int64_vector(row_token, "row_token"),
                                      int64_vector(row_pos, "row_pos"), op_row, first_y_row, eq_row)),
@@ -111,7 +155,10 @@ class PyEngine {
         return eval_logits<float>(f32_, params, models, x, y, n_threads);
     }
 
+    std::string precision() const { return name_of(precision_); }
+
   private:
+    fastgrok::Precision precision_;
     ModelShape shape_;
     fastgrok::ParamLayout layout_;
     std::unique_ptr<fastgrok::TrainingSet> data_;
@@ -143,7 +190,7 @@ class PyEngine {
             y32[i] = int32_t(ys[i]);
         }
         if (n_threads < 1) throw py::value_error("n_threads=" + std::to_string(n_threads) + ": must be >= 1");
-        if (!engine) engine = std::make_unique<Engine<Real>>(shape_, layout_, *data_);
+        if (!engine) engine = std::make_unique<Engine<Real>>(shape_, layout_, *data_, precision_);
         py::array_t<Real> out({K, N, py::ssize_t(shape_.V)});
         {
             py::gil_scoped_release release;
@@ -178,7 +225,7 @@ class PyEngine {
             args.eps = eps;
         }
         if (n_threads < 1) throw py::value_error("n_threads=" + std::to_string(n_threads) + ": must be >= 1");
-        if (!engine) engine = std::make_unique<Engine<Real>>(shape_, layout_, *data_);
+        if (!engine) engine = std::make_unique<Engine<Real>>(shape_, layout_, *data_, precision_);
         py::array_t<double> loss(M);
         py::array_t<bool> finite(M);
         fastgrok::StepOutput out{loss.mutable_data(), reinterpret_cast<uint8_t*>(finite.mutable_data())};
@@ -196,15 +243,18 @@ PYBIND11_MODULE(_cpu_engine, mod) {
     mod.doc() = "Fused C++ CPU training step for fastgrok populations (see csrc/engine.cpp).";
     py::class_<PyEngine>(mod, "Engine")
         .def(py::init<int, int, int, int, int, int, int, const py::array&, const py::array&, const py::array&, int,
-                      int, int, const py::array&, const py::array&, const py::array&, const py::array&>(),
+                      int, int, const py::array&, const py::array&, const py::array&, const py::array&,
+                      const std::string&>(),
              py::kw_only(), py::arg("n"), py::arg("d_vocab"), py::arg("d_model"), py::arg("n_heads"),
              py::arg("d_head"), py::arg("d_mlp"), py::arg("n_ctx"), py::arg("param_offsets"), py::arg("row_token"),
              py::arg("row_pos"), py::arg("op_row"), py::arg("first_y_row"), py::arg("eq_row"), py::arg("x"),
-             py::arg("y"), py::arg("labels"), py::arg("train_size"),
+             py::arg("y"), py::arg("labels"), py::arg("train_size"), py::arg("precision") = "fp32",
              "The engine of one population: its dimensions, fastgrok.layout's parameter offsets (int64 (12,): "
              "W_E..W_U in PARAM_NAMES order, then P) and token rows (row_token, row_pos int64 (R,), op_row, "
              "first_y_row, eq_row), checked against the structure the engine relies on (ValueError naming the "
-             "value), and every model's training data x, y, labels (M, N) int64 with train_size (M,).")
+             "value), every model's training data x, y, labels (M, N) int64 with train_size (M,), and the "
+             "matmul precision (fastgrok.precision: fp32, tf32, bf16, bf16x3).")
+        .def_property_readonly("precision", &PyEngine::precision)
         .def("step", &PyEngine::step, py::arg("params"), py::arg("grads"), py::arg("exp_avg"),
              py::arg("exp_avg_sq"), py::arg("lr"), py::arg("weight_decay"), py::arg("frozen"), py::arg("step"),
              py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("n_threads"),
@@ -215,6 +265,9 @@ PYBIND11_MODULE(_cpu_engine, mod) {
              py::arg("n_threads"),
              "Last-position logits (K, N, V) of models (K,) on the examples x, y (N,), in the dtype of params; "
              "a model's logits do not depend on n_threads or on the other models listed.");
+    mod.def("round_mantissa", &round_mantissa, py::arg("x"), py::arg("bits"),
+            "x (float32 or float64, C-contiguous) rounded to `bits` explicit mantissa bits, nearest, ties to "
+            "even, NaN kept: the engine's operand rounding (csrc/precision.hpp), a new array.");
     mod.def("build_info", []() {
         py::dict info;
         info["flags"] = FASTGROK_BUILD_FLAGS;

@@ -1,8 +1,10 @@
 // The fused CPU engine: one training step of a population, model by model.
 //
-// Algorithm (notation of fastgrok/backends/torch_engine.py; t indexes the T = 4
-// positions, r_t the token row an example reads there, a[t, h] its attention
-// weights at the last position, c = W_E[=] + W_pos[3], the = row's residual).
+// Algorithm in the fp32 precision (notation of
+// fastgrok/backends/torch_engine.py; t indexes the T = 4 positions, r_t the
+// token row an example reads there, a[t, h] its attention weights at the last
+// position, c = W_E[=] + W_pos[3], the = row's residual; the other precisions:
+// "The direct path" below).
 // The rows and the parameter offsets are fastgrok/layout.py's, received
 // through the constructor (engine.hpp says what is checked).
 //
@@ -50,6 +52,30 @@
 // scratch adds ~1.2 MB per model to the 3.6 MB of parameters, gradients and
 // moments.
 //
+// The direct path (precision tf32, bf16, bf16x3). A precision mode rounds
+// both operands of the per-example products with W_O, W_in, W_out and W_U,
+// forward and backward (fastgrok/precision.py); the rewrite above has no such
+// products (its U, UU and W_OU fold them into per-step tables), and rounding
+// its own operands would emulate no GPU. So these modes compute the batched
+// engine's chain instead (torch_engine.py, examples_forward and
+// examples_backward), per tile of examples, on the same GEMM micro-kernels:
+//   per step    the attention tables (as fp32), and the four weights and
+//               their transposes rounded once (DirectWeights)
+//   forward     a, z = sum_t a_t V_tab[r_t]; resid_mid = c + z @ W_O;
+//               hidden = relu(resid_mid @ W_in + b_in);
+//               resid_fin = hidden @ W_out + b_out + resid_mid;
+//               logits = resid_fin @ W_U, each product's activation rounded
+//               as it enters (precision.hpp, integer operations on the bits)
+//   backward    dW_U, dresid, dW_out, dpre, dW_in, dresid += dpre @ W_in^T,
+//               dW_O, dz: every operand rounded, the activations' rounded
+//               copies kept from the forward; then da, the softmax backward
+//               and dV_tab, dS per example on its four token rows
+//   per step    the attention tables' backward, shared with fp32.
+// Multiply-adds per example: 3 * (H*Dh*D + 2*D*F + D*V) = 0.49 M at the paper
+// config (the rewrite: 0.21 M), three times that in bf16x3 (three GEMMs per
+// product, see product()), plus the rounding passes. The table products (keys,
+// values, query, scores) and the attention arithmetic stay unrounded.
+//
 // Threads and reproducibility: each model's step is computed by one thread,
 // from its tables to AdamW, with its own workspace, so a model's tables stay
 // in that core's caches and its sums are formed in one order whatever the
@@ -74,6 +100,7 @@
 #endif
 
 #include "gemm.hpp"
+#include "precision.hpp"
 #include "vec.hpp"
 
 namespace fastgrok {
@@ -83,6 +110,14 @@ namespace {
 constexpr int X_BLOCK = TrainingSet::X_BLOCK;
 // Examples per tile: a multiple of MR so the logits GEMM has no ragged rows.
 constexpr int TILE = 4 * MR;
+// Examples per tile of the direct path. A tile streams all rounded weights
+// (1.3 MB in tf32 and bf16 at the paper config, 3.8 MB in bf16x3: hi, lo,
+// hi + lo) from L3 once forward and once backward, and its activations and
+// their rounded copies (~3.4 K values per example in tf32, 6.8 K in bf16x3)
+// should stay in L2 (512 KB on Zen 3). Measured at the paper config on one
+// core: 48 examples are fastest in tf32 (8% over 24 and 96), 24 in bf16x3
+// (6% over 48).
+inline int direct_tile(Precision p) { return p == Precision::bf16x3 ? 4 * MR : 8 * MR; }
 
 int thread_id() {
 #ifdef _OPENMP
@@ -335,26 +370,31 @@ struct Workspace {
         std::size_t size;
     };
 
-    static ArenaPlan plan(const ModelShape& s) {
+    // rewrite: the fp32 path's tables; the direct path needs only the
+    // attention tables and the backward's scratch.
+    static ArenaPlan plan(const ModelShape& s, bool rewrite) {
         const Padded<Real> pd(s);
         const std::size_t R = s.R(), rest = s.rows.rest(), H = s.H, Fp = pd.Fp, Vp = pd.Vp, D = s.D,
                           HDh = s.HDh();
         Carver ex, bw;
         ArenaPlan a{};
-        a.W_OU = ex.take<Real>(Fp * Vp), a.W_OU_T = ex.take<Real>(Fp * Vp);
-        a.U_rest = ex.take<Real>(rest * H * Fp), a.UU_rest = ex.take<Real>(rest * H * Vp);
-        a.base_pre = ex.take<Real>(Fp), a.base_logit = ex.take<Real>(Vp);
+        if (rewrite) {
+            a.W_OU = ex.take<Real>(Fp * Vp), a.W_OU_T = ex.take<Real>(Fp * Vp);
+            a.U_rest = ex.take<Real>(rest * H * Fp), a.UU_rest = ex.take<Real>(rest * H * Vp);
+            a.base_pre = ex.take<Real>(Fp), a.base_logit = ex.take<Real>(Vp);
+        }
         a.dK = bw.take<Real>(R * HDh), a.dR = bw.take<Real>(R * D), a.dq = bw.take<Real>(HDh);
         a.dc = bw.take<Real>(D), a.small_T = bw.take<Real>(std::size_t(std::max(s.D, s.V)) * std::max(s.D, s.Dh));
         a.size = std::max(ex.used(), bw.used());
         return a;
     }
 
-    explicit Workspace(const ModelShape& s)
+    explicit Workspace(const ModelShape& s, bool rewrite = true)
         : R_tab(std::size_t(s.R()) * s.D), K(std::size_t(s.R()) * s.HDh()), Vt(std::size_t(s.R()) * s.HDh()),
-          q(s.HDh()), S(std::size_t(s.R()) * s.H), W_OI(std::size_t(s.HDh()) * Padded<Real>(s).Fp),
-          W_OUh(std::size_t(s.HDh()) * Padded<Real>(s).Vp), c_bout(s.D), arena(plan(s).size) {
-        const ArenaPlan a = plan(s);
+          q(s.HDh()), S(std::size_t(s.R()) * s.H), W_OI(rewrite ? std::size_t(s.HDh()) * Padded<Real>(s).Fp : 0),
+          W_OUh(rewrite ? std::size_t(s.HDh()) * Padded<Real>(s).Vp : 0), c_bout(s.D),
+          arena(plan(s, rewrite).size) {
+        const ArenaPlan a = plan(s, rewrite);
         Real* base = arena.data();
         W_OU = base + a.W_OU, W_OU_T = base + a.W_OU_T, U_rest = base + a.U_rest, UU_rest = base + a.UU_rest;
         base_pre = base + a.base_pre, base_logit = base + a.base_logit;
@@ -423,14 +463,126 @@ struct XRowTables {
         : U(std::size_t(s.n) * s.H * Padded<Real>(s).Fp), UU(std::size_t(s.n) * s.H * Padded<Real>(s).Vp) {}
 };
 
+// The direct path (engine.cpp, "The direct path"): its per-thread and
+// per-step buffers.
+
+// An operand as a precision takes it: hi, and for bf16x3 lo (empty otherwise).
+template <typename Real>
+struct RoundedOperand {
+    Buffer<Real> hi, lo;
+    RoundedOperand(std::size_t count, Precision p) : hi(count), lo(p == Precision::bf16x3 ? count : 0) {}
+    // hi (lo) = x[0:n] at precision p.
+    void take(Precision p, const Real* x, std::size_t n) { round_operand(p, x, hi.data(), lo.data(), n); }
+};
+
+// The four weights as the products take them, rounded once per step: the
+// forward operands (k, n) and, for the backward's d_act = d_out @ W^T, their
+// transposes, since the GEMM reads B with unit column stride. Rows and
+// columns padded to Fp and Vp are zero.
+template <typename Real>
+struct DirectWeights {
+    RoundedOperand<Real> W_O, W_O_T;      // (H*Dh, D), (D, H*Dh)
+    RoundedOperand<Real> W_in, W_in_T;    // (D, Fp), (Fp, D)
+    RoundedOperand<Real> W_out, W_out_T;  // (Fp, D), (D, Fp)
+    RoundedOperand<Real> W_U, W_U_T;      // (D, Vp), (Vp, D)
+    Buffer<Real> staging;                 // the largest of them before rounding
+
+    DirectWeights(const ModelShape& s, Precision p)
+        : W_O(std::size_t(s.HDh()) * s.D, p), W_O_T(std::size_t(s.HDh()) * s.D, p),
+          W_in(std::size_t(s.D) * Padded<Real>(s).Fp, p), W_in_T(std::size_t(s.D) * Padded<Real>(s).Fp, p),
+          W_out(std::size_t(s.D) * Padded<Real>(s).Fp, p), W_out_T(std::size_t(s.D) * Padded<Real>(s).Fp, p),
+          W_U(std::size_t(s.D) * Padded<Real>(s).Vp, p), W_U_T(std::size_t(s.D) * Padded<Real>(s).Vp, p),
+          staging(std::size_t(s.D) * std::max({Padded<Real>(s).Fp, Padded<Real>(s).Vp, s.HDh()})) {}
+
+    void prepare(const ModelShape& s, const ParamPtrs<Real>& p, Precision prec) {
+        const int D = s.D, HDh = s.HDh(), F = s.F, V = s.V;
+        const Padded<Real> pd(s);
+        const int Fp = pd.Fp, Vp = pd.Vp;
+        Real* x = staging.data();
+        // The padding of the staging copy is zero: each matrix below fills
+        // the whole (rows, cols) extent it rounds, zeros included.
+        auto put = [&](RoundedOperand<Real>& op, const Real* src, int rows, int cols, int ld_src, bool transposed,
+                       int rows_p, int cols_p) {
+            std::fill(x, x + std::size_t(rows_p) * cols_p, Real(0));
+            if (transposed) {
+                transpose(cols, rows, src, ld_src, x, cols_p);
+            } else {
+                for (int i = 0; i < rows; ++i)
+                    std::copy(src + std::size_t(i) * ld_src, src + std::size_t(i) * ld_src + cols,
+                              x + std::size_t(i) * cols_p);
+            }
+            op.take(prec, x, std::size_t(rows_p) * cols_p);
+        };
+        put(W_O, p.W_O, HDh, D, D, false, HDh, D);
+        put(W_O_T, p.W_O, D, HDh, D, true, D, HDh);
+        put(W_in, p.W_in, D, F, F, false, D, Fp);
+        put(W_in_T, p.W_in, F, D, F, true, Fp, D);
+        put(W_out, p.W_out, F, D, D, false, Fp, D);
+        put(W_out_T, p.W_out, D, F, D, true, D, Fp);
+        put(W_U, p.W_U, D, V, V, false, D, Vp);
+        put(W_U_T, p.W_U, V, D, V, true, Vp, D);
+    }
+};
+
+// Activations of one tile of DTILE examples and their rounded copies, which
+// the backward products read again.
+template <typename Real>
+struct DirectTile {
+    int size;               // DTILE: examples per tile, direct_tile(precision)
+    std::vector<int> rows;  // (DTILE, T) the token row each example reads at each position
+    Buffer<Real> a;         // (DTILE, T*H) attention weights, index t * H + h
+    Buffer<Real> z;         // (DTILE, H*Dh) attention output
+    Buffer<Real> resid_mid; // (DTILE, D)
+    Buffer<Real> hidden;    // (DTILE, Fp) relu output; hidden > 0 is the relu mask
+    Buffer<Real> resid_fin; // (DTILE, D)
+    Buffer<Real> logits;    // (DTILE, Vp) logits, then dlogits in place
+    Buffer<Real> dresid;    // (DTILE, D) d resid_fin, then d resid_mid
+    Buffer<Real> dpre;      // (DTILE, Fp)
+    Buffer<Real> dz;        // (DTILE, H*Dh)
+    RoundedOperand<Real> z_r, resid_mid_r, hidden_r, resid_fin_r, dlogits_r, dresid_r, dpre_r;
+
+    DirectTile(const ModelShape& s, Precision p, int tile)
+        : size(tile), rows(std::size_t(tile) * s.T), a(std::size_t(tile) * s.J()), z(std::size_t(tile) * s.HDh()),
+          resid_mid(std::size_t(tile) * s.D), hidden(std::size_t(tile) * Padded<Real>(s).Fp),
+          resid_fin(std::size_t(tile) * s.D), logits(std::size_t(tile) * Padded<Real>(s).Vp),
+          dresid(std::size_t(tile) * s.D), dpre(std::size_t(tile) * Padded<Real>(s).Fp),
+          dz(std::size_t(tile) * s.HDh()), z_r(z.size(), p), resid_mid_r(resid_mid.size(), p),
+          hidden_r(hidden.size(), p), resid_fin_r(resid_fin.size(), p), dlogits_r(logits.size(), p),
+          dresid_r(dresid.size(), p), dpre_r(dpre.size(), p) {}
+};
+
+// Gradient sums of one model over its examples on the direct path; W_O's
+// and W_out's go straight into the model's gradient row.
+template <typename Real>
+struct DirectGrads {
+    Buffer<Real> dW_in;   // (D, Fp)
+    Buffer<Real> dW_U;    // (D, Vp)
+    Buffer<Real> db_in;   // (Fp)
+    Buffer<Real> db_out;  // (D)
+    Buffer<Real> dc;      // (D) the = row's residual, through the residual connection
+    Buffer<Real> dVt;     // (R, H*Dh)
+    Buffer<Real> dS;      // (R, H) w.r.t. the scaled scores
+    double loss = 0.0;
+
+    explicit DirectGrads(const ModelShape& s)
+        : dW_in(std::size_t(s.D) * Padded<Real>(s).Fp), dW_U(std::size_t(s.D) * Padded<Real>(s).Vp),
+          db_in(Padded<Real>(s).Fp), db_out(s.D), dc(s.D), dVt(std::size_t(s.R()) * s.HDh()),
+          dS(std::size_t(s.R()) * s.H) {}
+
+    void zero() {
+        for (Buffer<Real>* b : {&dW_in, &dW_U, &db_in, &db_out, &dc, &dVt, &dS}) b->zero();
+        loss = 0.0;
+    }
+};
+
 namespace {
 
+// The residual, key, value and score tables of every (token, position) row,
+// and the query: R_tab, K, Vt, q, S of the workspace. Both paths.
 template <typename Real>
-void tables_forward(const ModelShape& s, const ParamPtrs<Real>& p, Workspace<Real>& ws) {
+void attention_tables(const ModelShape& s, const ParamPtrs<Real>& p, Workspace<Real>& ws) {
     const TokenRows& rows = s.rows;
-    const int R = s.R(), D = s.D, H = s.H, Dh = s.Dh, HDh = s.HDh(), F = s.F, V = s.V;
-    const Padded<Real> pd(s);
-    const int Fp = pd.Fp, Vp = pd.Vp;
+    const int R = s.R(), D = s.D, H = s.H, Dh = s.Dh, HDh = s.HDh();
     for (int r = 0; r < R; ++r) {
         const Real* e = p.W_E + std::size_t(rows.token[r]) * D;
         const Real* pos = p.W_pos + std::size_t(rows.pos[r]) * D;
@@ -453,6 +605,18 @@ void tables_forward(const ModelShape& s, const ParamPtrs<Real>& p, Workspace<Rea
             for (int e = 0; e < Dh; ++e) dot += k[e] * q[e];
             ws.S.data()[r * H + h] = dot * scale;
         }
+}
+
+// The per-step tables of the fp32 path: the attention tables, then W_OI,
+// W_OUh, W_OU, U_rest, UU_rest and the bases.
+template <typename Real>
+void tables_forward(const ModelShape& s, const ParamPtrs<Real>& p, Workspace<Real>& ws) {
+    const TokenRows& rows = s.rows;
+    const int D = s.D, H = s.H, Dh = s.Dh, HDh = s.HDh(), F = s.F, V = s.V;
+    const Padded<Real> pd(s);
+    const int Fp = pd.Fp, Vp = pd.Vp;
+    attention_tables(s, p, ws);
+    const Real* c = ws.R_tab.data() + std::size_t(rows.eq_row) * D;
 
     // The padding columns (F..Fp, V..Vp) of every table must be zero; the
     // GEMMs write only the first F or V columns, so clear them first.
@@ -604,6 +768,33 @@ std::array<ConstRow, 2> const_rows(const TokenRows& tr) {
     return {{{tr.pos_op, 0}, {tr.pos_eq, std::size_t(tr.eq_row - tr.op_row)}}};
 }
 
+// An example's token rows r (T) and attention weights a (T*H, index t * H +
+// h): the softmax over the T positions of its scores in S (R, H), per head.
+template <typename Real>
+void attention_weights(int H, int T, const Real* S, const int* r, Real* a) {
+    for (int t = 0; t < T; ++t)
+        for (int h = 0; h < H; ++h) a[t * H + h] = S[r[t] * H + h];
+    for (int h = 0; h < H; ++h) {
+        Real smax = a[h];
+        for (int t = 1; t < T; ++t) smax = std::max(smax, a[t * H + h]);
+        for (int t = 0; t < T; ++t) a[t * H + h] -= smax;
+    }
+    exp_inplace(a, T * H);
+    for (int h = 0; h < H; ++h) {
+        Real sum = a[h];
+        for (int t = 1; t < T; ++t) sum += a[t * H + h];
+        for (int t = 0; t < T; ++t) a[t * H + h] /= sum;
+    }
+}
+
+// An example's token row at each position: x, operator, y, = (rows: T).
+inline void example_rows(const TokenRows& tr, int x, int y, int* r) {
+    r[tr.pos_x] = x;  // the x rows come first: row x is element x
+    r[tr.pos_op] = tr.op_row;
+    r[tr.pos_y] = tr.first_y_row + y;
+    r[tr.pos_eq] = tr.eq_row;
+}
+
 // The forward pass of `count` examples (xs, ys): their token rows (T per
 // example) into rows, attention weights a (count, T*H), hidden = relu(pre)
 // (count, Fp) and logits (count, Vp). Each example's values depend only on
@@ -620,24 +811,8 @@ void tile_forward(const ModelShape& s, const Workspace<Real>& ws, const XRows<Re
     const Real* Sc = ws.S.data();
     for (int i = 0; i < count; ++i) {
         int* r = rows + std::size_t(i) * T;
-        r[tr.pos_x] = xs[i];  // the x rows come first: row x is element x
-        r[tr.pos_op] = tr.op_row;
-        r[tr.pos_y] = tr.first_y_row + ys[i];
-        r[tr.pos_eq] = tr.eq_row;
-        Real* a = a_tile + std::size_t(i) * J;
-        for (int t = 0; t < T; ++t)
-            for (int h = 0; h < H; ++h) a[t * H + h] = Sc[r[t] * H + h];
-        for (int h = 0; h < H; ++h) {
-            Real smax = a[h];
-            for (int t = 1; t < T; ++t) smax = std::max(smax, a[t * H + h]);
-            for (int t = 0; t < T; ++t) a[t * H + h] -= smax;
-        }
-        exp_inplace(a, J);
-        for (int h = 0; h < H; ++h) {
-            Real sum = a[h];
-            for (int t = 1; t < T; ++t) sum += a[t * H + h];
-            for (int t = 0; t < T; ++t) a[t * H + h] /= sum;
-        }
+        example_rows(tr, xs[i], ys[i], r);
+        attention_weights(H, T, Sc, r, a_tile + std::size_t(i) * J);
         std::copy(ws.base_pre, ws.base_pre + Fp, hidden + std::size_t(i) * Fp);
         std::copy(ws.base_logit, ws.base_logit + Vp, logits + std::size_t(i) * Vp);
     }
@@ -807,11 +982,164 @@ void block_gradients(const ModelShape& s, const Workspace<Real>& ws, int x0, int
     }
 }
 
+// The direct path, per tile of DTILE examples (Engine::direct_model):
+//   direct_forward   attention weights, z, then z @ W_O, the MLP and the
+//                    unembedding, each product's operands rounded
+//   tile_loss        the loss and dlogits (above)
+//   direct_backward  the eight backward products, their operands rounded;
+//                    then the scores' and values' gradients from dz
+
+// C (+)= A @ B with the operands as precision p took them: hi @ hi (tf32,
+// bf16); for bf16x3 the three products of bf16 operands a tensor core would
+// compute, the small cross terms first so that they are not lost under the
+// large one: hi_a @ lo_b, lo_a @ hi_b, hi_a @ hi_b (as the torch engine).
+// A is read through strides as in gemm.
+template <typename Real>
+void product(Precision p, int m, int n, int k, const RoundedOperand<Real>& A, std::ptrdiff_t rsa,
+             std::ptrdiff_t csa, const RoundedOperand<Real>& B, std::ptrdiff_t ldb, Real* C, std::ptrdiff_t ldc,
+             bool accumulate) {
+    if (p != Precision::bf16x3) return gemm(m, n, k, A.hi.data(), rsa, csa, B.hi.data(), ldb, C, ldc, accumulate);
+    gemm(m, n, k, A.hi.data(), rsa, csa, B.lo.data(), ldb, C, ldc, accumulate);
+    gemm(m, n, k, A.lo.data(), rsa, csa, B.hi.data(), ldb, C, ldc, true);
+    gemm(m, n, k, A.hi.data(), rsa, csa, B.hi.data(), ldb, C, ldc, true);
+}
+
+// sums[0:len] += sum over rows i < count of X[i, 0:len] (rows at ld).
+template <typename Real>
+void column_sums(int count, const Real* X, std::ptrdiff_t ld, int len, Real* sums) {
+    for (int i = 0; i < count; ++i)
+        for (int f = 0; f < len; ++f) sums[f] += X[i * ld + f];
+}
+
+// Forward of `count` examples (xs, ys) into the tile: rows, a, z, resid_mid,
+// hidden, resid_fin and the logits (count, Vp), as the batched engine's
+// examples_forward; the rounded operands stay for the backward. An example's
+// values depend only on the example and the model.
+template <typename Real>
+void direct_forward(const ModelShape& s, const ParamPtrs<Real>& p, const Workspace<Real>& ws,
+                    const DirectWeights<Real>& w, Precision prec, const int32_t* xs, const int32_t* ys, int count,
+                    DirectTile<Real>& t) {
+    using S = Simd<Real>;
+    const TokenRows& tr = s.rows;
+    const int D = s.D, H = s.H, Dh = s.Dh, HDh = s.HDh(), T = s.T, J = s.J(), F = s.F;
+    const Padded<Real> pd(s);
+    const int Fp = pd.Fp, Vp = pd.Vp;
+    const Real* c = ws.R_tab.data() + std::size_t(tr.eq_row) * D;
+    // z = sum_t a_t v_t, summed in the batched engine's order: x, y, operator, =.
+    const int order[4] = {tr.pos_x, tr.pos_y, tr.pos_op, tr.pos_eq};
+    for (int i = 0; i < count; ++i) {
+        int* r = t.rows.data() + std::size_t(i) * T;
+        example_rows(tr, xs[i], ys[i], r);
+        Real* a = t.a.data() + std::size_t(i) * J;
+        attention_weights(H, T, ws.S.data(), r, a);
+        Real* z = t.z.data() + std::size_t(i) * HDh;
+        for (int h = 0; h < H; ++h) {
+            const Real* v[4];
+            Real at[4];
+            for (int k = 0; k < 4; ++k) {
+                v[k] = ws.Vt.data() + std::size_t(r[order[k]]) * HDh + h * Dh;
+                at[k] = a[order[k] * H + h];
+            }
+            Real* zh = z + h * Dh;
+            for (int e = 0; e < Dh; ++e)
+                zh[e] = fma_scalar(at[3], v[3][e],
+                                   fma_scalar(at[2], v[2][e], fma_scalar(at[1], v[1][e], at[0] * v[0][e])));
+        }
+        std::copy(c, c + D, t.resid_mid.data() + std::size_t(i) * D);
+        Real* hidden = t.hidden.data() + std::size_t(i) * Fp;
+        std::copy(p.b_in, p.b_in + F, hidden);
+        std::fill(hidden + F, hidden + Fp, Real(0));  // a NaN there must not outlive this tile
+        std::copy(p.b_out, p.b_out + D, t.resid_fin.data() + std::size_t(i) * D);
+    }
+    const std::size_t nD = std::size_t(count) * D, nF = std::size_t(count) * Fp;
+    t.z_r.take(prec, t.z.data(), std::size_t(count) * HDh);
+    product(prec, count, D, HDh, t.z_r, HDh, 1, w.W_O, D, t.resid_mid.data(), D, true);  // c + z @ W_O
+    t.resid_mid_r.take(prec, t.resid_mid.data(), nD);
+    product(prec, count, Fp, D, t.resid_mid_r, D, 1, w.W_in, Fp, t.hidden.data(), Fp, true);
+    Real* hidden = t.hidden.data();
+    for (std::size_t f = 0; f < nF; f += S::L) S::store(hidden + f, S::relu(S::load(hidden + f)));
+    t.hidden_r.take(prec, hidden, nF);
+    product(prec, count, D, Fp, t.hidden_r, Fp, 1, w.W_out, D, t.resid_fin.data(), D, true);
+    Real* resid_fin = t.resid_fin.data();
+    const Real* resid_mid = t.resid_mid.data();
+    for (std::size_t d = 0; d < nD; ++d) resid_fin[d] += resid_mid[d];
+    t.resid_fin_r.take(prec, resid_fin, nD);
+    product(prec, count, Vp, D, t.resid_fin_r, D, 1, w.W_U, Vp, t.logits.data(), Vp, false);
+}
+
+// Backward of the tile after direct_forward and tile_loss (dlogits in
+// t.logits), as the batched engine's examples_backward: dW_U, dW_in, the
+// biases, the = row's residual and the scores' and values' gradients into
+// acc, dW_out and dW_O into the model's gradient row g.
+template <typename Real>
+void direct_backward(const ModelShape& s, const Workspace<Real>& ws, const DirectWeights<Real>& w, Precision prec,
+                     int count, DirectTile<Real>& t, DirectGrads<Real>& acc, const ParamPtrs<Real>& g) {
+    using S = Simd<Real>;
+    const int D = s.D, H = s.H, Dh = s.Dh, HDh = s.HDh(), T = s.T, J = s.J(), F = s.F;
+    const Padded<Real> pd(s);
+    const int Fp = pd.Fp, Vp = pd.Vp;
+    const std::size_t nD = std::size_t(count) * D, nF = std::size_t(count) * Fp;
+    Real* dresid = t.dresid.data();
+    Real* dpre = t.dpre.data();
+
+    // Unembedding and MLP.
+    t.dlogits_r.take(prec, t.logits.data(), std::size_t(count) * Vp);
+    product(prec, D, Vp, count, t.resid_fin_r, 1, D, t.dlogits_r, Vp, acc.dW_U.data(), Vp, true);
+    product(prec, count, D, Vp, t.dlogits_r, Vp, 1, w.W_U_T, D, dresid, D, false);
+    column_sums(count, dresid, D, D, acc.db_out.data());
+    t.dresid_r.take(prec, dresid, nD);
+    product(prec, F, D, count, t.hidden_r, 1, Fp, t.dresid_r, D, g.W_out, D, true);
+    product(prec, count, Fp, D, t.dresid_r, D, 1, w.W_out_T, Fp, dpre, Fp, false);
+    const Real* hidden = t.hidden.data();
+    // relu': hidden > 0 (a NaN hidden blocks its gradient, as torch's threshold_backward).
+    for (std::size_t f = 0; f < nF; f += S::L)
+        S::store(dpre + f, S::load(hidden + f) > Real(0) ? S::load(dpre + f) : S::zero());
+    column_sums(count, dpre, Fp, Fp, acc.db_in.data());
+    t.dpre_r.take(prec, dpre, nF);
+    product(prec, D, Fp, count, t.resid_mid_r, 1, D, t.dpre_r, Fp, acc.dW_in.data(), Fp, true);
+    product(prec, count, D, Fp, t.dpre_r, Fp, 1, w.W_in_T, D, dresid, D, true);  // d resid_mid
+    column_sums(count, dresid, D, D, acc.dc.data());
+
+    // Attention output: resid_mid = c + z @ W_O.
+    t.dresid_r.take(prec, dresid, nD);
+    product(prec, HDh, D, count, t.z_r, 1, HDh, t.dresid_r, D, g.W_O, D, true);
+    product(prec, count, HDh, D, t.dresid_r, D, 1, w.W_O_T, HDh, t.dz.data(), HDh, false);
+
+    // z = sum_t a_t v_t over the four positions, then the softmax, per head;
+    // the gradients land on the example's token rows.
+    Real* dS = acc.dS.data();
+    for (int i = 0; i < count; ++i) {
+        const int* r = t.rows.data() + std::size_t(i) * T;
+        const Real* a = t.a.data() + std::size_t(i) * J;
+        const Real* dz = t.dz.data() + std::size_t(i) * HDh;
+        for (int h = 0; h < H; ++h) {
+            const Real* v[4];
+            Real* dv[4];
+            for (int k = 0; k < 4; ++k) {
+                v[k] = ws.Vt.data() + std::size_t(r[k]) * HDh + h * Dh;
+                dv[k] = acc.dVt.data() + std::size_t(r[k]) * HDh + h * Dh;
+            }
+            const Real* dzh = dz + h * Dh;
+            Real da[4] = {0, 0, 0, 0};
+            for (int e = 0; e < Dh; ++e)
+                for (int k = 0; k < 4; ++k) da[k] = fma_scalar(dzh[e], v[k][e], da[k]);
+            Real mean = 0;
+            for (int k = 0; k < 4; ++k) mean = fma_scalar(a[k * H + h], da[k], mean);
+            for (int k = 0; k < 4; ++k) {
+                dS[r[k] * H + h] = fma_scalar(a[k * H + h], da[k] - mean, dS[r[k] * H + h]);
+                const Real ak = a[k * H + h];
+                for (int e = 0; e < Dh; ++e) dv[k][e] = fma_scalar(ak, dzh[e], dv[k][e]);
+            }
+        }
+    }
+}
+
 }  // namespace
 
 template <typename Real>
-Engine<Real>::Engine(const ModelShape& shape, const ParamLayout& layout, const TrainingSet& data)
-    : shape_(shape), layout_(layout), data_(data) {}
+Engine<Real>::Engine(const ModelShape& shape, const ParamLayout& layout, const TrainingSet& data,
+                     Precision precision)
+    : shape_(shape), layout_(layout), data_(data), precision_(precision) {}
 
 template <typename Real>
 Engine<Real>::~Engine() = default;
@@ -841,11 +1169,68 @@ void Engine<Real>::examples(int m, int block_begin, int block_end, const Workspa
 
 namespace {
 
+// Gradients of W_E, W_pos, W_Q, W_K and W_V from those of the scaled scores
+// dS (R, H), the values dVt (R, H*Dh) and the = row's residual dc (D), which
+// reaches it through the residual connection. Both paths.
+template <typename Real>
+void attention_tables_backward(const ModelShape& s, const ParamPtrs<Real>& p, Workspace<Real>& ws,
+                               const Real* dS, const Real* dVt, const Real* dc, const ParamPtrs<Real>& g) {
+    const TokenRows& rows = s.rows;
+    const int R = s.R(), D = s.D, H = s.H, Dh = s.Dh, HDh = s.HDh(), V = s.V;
+    const Real* c = ws.R_tab.data() + std::size_t(rows.eq_row) * D;
+
+    // Scores S = K q / sqrt(Dh), K = R_tab W_K, V_tab = R_tab W_V, q = c W_Q.
+    const Real scale = Real(1.0 / std::sqrt(double(Dh)));
+    std::fill(ws.dq, ws.dq + HDh, Real(0));
+    for (int r = 0; r < R; ++r)
+        for (int h = 0; h < H; ++h) {
+            const Real ds = dS[r * H + h] * scale;
+            const Real* k = ws.K.data() + std::size_t(r) * HDh + h * Dh;
+            const Real* q = ws.q.data() + h * Dh;
+            Real* dk = ws.dK + std::size_t(r) * HDh + h * Dh;
+            Real* dq = ws.dq + h * Dh;
+            for (int e = 0; e < Dh; ++e) {
+                dk[e] = ds * q[e];
+                dq[e] += ds * k[e];
+            }
+        }
+    for (int h = 0; h < H; ++h) {
+        const std::size_t w = std::size_t(h) * D * Dh;
+        gemm(D, Dh, R, ws.R_tab.data(), 1, D, ws.dK + h * Dh, HDh, g.W_K + w, Dh, false);
+        gemm(D, Dh, R, ws.R_tab.data(), 1, D, dVt + h * Dh, HDh, g.W_V + w, Dh, false);
+        gemm(D, Dh, 1, c, 1, 1, ws.dq + h * Dh, Dh, g.W_Q + w, Dh, false);
+        transpose(D, Dh, p.W_K + w, Dh, ws.small_T, D);
+        gemm(R, D, Dh, ws.dK + h * Dh, HDh, 1, ws.small_T, D, ws.dR, D, h > 0);
+        transpose(D, Dh, p.W_V + w, Dh, ws.small_T, D);
+        gemm(R, D, Dh, dVt + h * Dh, HDh, 1, ws.small_T, D, ws.dR, D, true);
+        transpose(D, Dh, p.W_Q + w, Dh, ws.small_T, D);
+        gemm(1, D, Dh, ws.dq + h * Dh, Dh, 1, ws.small_T, D, ws.dR + std::size_t(rows.eq_row) * D, D, true);
+    }
+    Real* dR_eq = ws.dR + std::size_t(rows.eq_row) * D;
+    for (int d = 0; d < D; ++d) dR_eq[d] += dc[d];
+
+    // Rows back onto the embeddings: W_E[token(r)] and W_pos[pos(r)].
+    std::fill(g.W_E, g.W_E + std::size_t(V) * D, Real(0));
+    std::fill(g.W_pos, g.W_pos + std::size_t(s.T) * D, Real(0));
+    for (int r = 0; r < R; ++r) {
+        const Real* dr = ws.dR + std::size_t(r) * D;
+        Real* ge = g.W_E + std::size_t(rows.token[r]) * D;
+        Real* gp = g.W_pos + std::size_t(rows.pos[r]) * D;
+        for (int d = 0; d < D; ++d) {
+            ge[d] += dr[d];
+            gp[d] += dr[d];
+        }
+    }
+}
+
+// The fp32 path's per-step backward: the rows' gradients through U_rest,
+// UU_rest and the block sums, through W_OI, W_OUh, W_OU and the bases to W_O,
+// W_in, W_out, W_U and their biases, then the attention tables.
 template <typename Real>
 void tables_backward(const ModelShape& s, const ParamPtrs<Real>& p, Workspace<Real>& ws,
                      ExampleGrads<Real>& acc, const ParamPtrs<Real>& g) {
     const TokenRows& rows = s.rows;
-    const int R = s.R(), D = s.D, H = s.H, Dh = s.Dh, HDh = s.HDh(), F = s.F, V = s.V, rest = rows.rest();
+    const int D = s.D, H = s.H, Dh = s.Dh, HDh = s.HDh(), F = s.F, V = s.V, rest = rows.rest();
     const Padded<Real> pd(s);
     const int Fp = pd.Fp, Vp = pd.Vp;
     const Real* c = ws.R_tab.data() + std::size_t(rows.eq_row) * D;
@@ -886,50 +1271,7 @@ void tables_backward(const ModelShape& s, const ParamPtrs<Real>& p, Workspace<Re
     gemm(1, D, V, acc.dbase_logit.data(), Vp, 1, W_U_T, D, g.b_out, D, false);
     gemm_nt(1, D, F, acc.dbase_pre.data(), Fp, p.W_in, F, ws.dc, D, false);
     for (int d = 0; d < D; ++d) ws.dc[d] += g.b_out[d];
-
-    // Scores S = K q / sqrt(Dh), K = R_tab W_K, V_tab = R_tab W_V, q = c W_Q.
-    const Real scale = Real(1.0 / std::sqrt(double(Dh)));
-    std::fill(ws.dq, ws.dq + HDh, Real(0));
-    for (int r = 0; r < R; ++r)
-        for (int h = 0; h < H; ++h) {
-            const Real ds = acc.dS.data()[r * H + h] * scale;
-            const Real* k = ws.K.data() + std::size_t(r) * HDh + h * Dh;
-            const Real* q = ws.q.data() + h * Dh;
-            Real* dk = ws.dK + std::size_t(r) * HDh + h * Dh;
-            Real* dq = ws.dq + h * Dh;
-            for (int e = 0; e < Dh; ++e) {
-                dk[e] = ds * q[e];
-                dq[e] += ds * k[e];
-            }
-        }
-    const Real* dVt = acc.dVt.data();
-    for (int h = 0; h < H; ++h) {
-        const std::size_t w = std::size_t(h) * D * Dh;
-        gemm(D, Dh, R, ws.R_tab.data(), 1, D, ws.dK + h * Dh, HDh, g.W_K + w, Dh, false);
-        gemm(D, Dh, R, ws.R_tab.data(), 1, D, dVt + h * Dh, HDh, g.W_V + w, Dh, false);
-        gemm(D, Dh, 1, c, 1, 1, ws.dq + h * Dh, Dh, g.W_Q + w, Dh, false);
-        transpose(D, Dh, p.W_K + w, Dh, ws.small_T, D);
-        gemm(R, D, Dh, ws.dK + h * Dh, HDh, 1, ws.small_T, D, ws.dR, D, h > 0);
-        transpose(D, Dh, p.W_V + w, Dh, ws.small_T, D);
-        gemm(R, D, Dh, dVt + h * Dh, HDh, 1, ws.small_T, D, ws.dR, D, true);
-        transpose(D, Dh, p.W_Q + w, Dh, ws.small_T, D);
-        gemm(1, D, Dh, ws.dq + h * Dh, Dh, 1, ws.small_T, D, ws.dR + std::size_t(rows.eq_row) * D, D, true);
-    }
-    Real* dR_eq = ws.dR + std::size_t(rows.eq_row) * D;
-    for (int d = 0; d < D; ++d) dR_eq[d] += ws.dc[d];
-
-    // Rows back onto the embeddings: W_E[token(r)] and W_pos[pos(r)].
-    std::fill(g.W_E, g.W_E + std::size_t(V) * D, Real(0));
-    std::fill(g.W_pos, g.W_pos + std::size_t(s.T) * D, Real(0));
-    for (int r = 0; r < R; ++r) {
-        const Real* dr = ws.dR + std::size_t(r) * D;
-        Real* ge = g.W_E + std::size_t(rows.token[r]) * D;
-        Real* gp = g.W_pos + std::size_t(rows.pos[r]) * D;
-        for (int d = 0; d < D; ++d) {
-            ge[d] += dr[d];
-            gp[d] += dr[d];
-        }
-    }
+    attention_tables_backward(s, p, ws, acc.dS.data(), acc.dVt.data(), ws.dc, g);
 }
 
 // torch.optim.AdamW's update of one model, operation for operation as the
@@ -975,17 +1317,59 @@ void adamw(Real* param, const Real* grad, Real* exp_avg, Real* exp_avg_sq, std::
 }  // namespace
 
 template <typename Real>
+void Engine<Real>::direct_model(int m, Real* params, Real* grads, Workspace<Real>& ws, DirectWeights<Real>& w,
+                                DirectTile<Real>& tile, DirectGrads<Real>& acc) const {
+    const ModelShape& s = shape_;
+    const int D = s.D, HDh = s.HDh(), F = s.F, V = s.V;
+    const Padded<Real> pd(s);
+    const std::size_t off = std::size_t(m) * layout_.P;
+    const ParamPtrs<Real> p(params + off, layout_), g(grads + off, layout_);
+    attention_tables(s, p, ws);
+    w.prepare(s, p, precision_);
+    acc.zero();
+    std::fill(g.W_O, g.W_O + std::size_t(HDh) * D, Real(0));
+    std::fill(g.W_out, g.W_out + std::size_t(F) * D, Real(0));
+    const int n = int(data_.x[m].size());
+    const Real weight = Real(1.0 / double(n));
+    const int32_t* xs = data_.x[m].data();
+    const int32_t* ys = data_.y[m].data();
+    const int32_t* labels = data_.labels[m].data();
+    for (int i0 = 0; i0 < n; i0 += tile.size) {
+        const int count = std::min(tile.size, n - i0);
+        direct_forward(s, p, ws, w, precision_, xs + i0, ys + i0, count, tile);
+        acc.loss += tile_loss(s, tile.logits.data(), labels + i0, count, weight);
+        direct_backward(s, ws, w, precision_, count, tile, acc, g);
+    }
+    for (int d = 0; d < D; ++d) {
+        std::copy(acc.dW_in.data() + std::size_t(d) * pd.Fp, acc.dW_in.data() + std::size_t(d) * pd.Fp + F,
+                  g.W_in + std::size_t(d) * F);
+        std::copy(acc.dW_U.data() + std::size_t(d) * pd.Vp, acc.dW_U.data() + std::size_t(d) * pd.Vp + V,
+                  g.W_U + std::size_t(d) * V);
+    }
+    std::copy(acc.db_in.data(), acc.db_in.data() + F, g.b_in);
+    std::copy(acc.db_out.data(), acc.db_out.data() + D, g.b_out);
+    attention_tables_backward(s, p, ws, acc.dS.data(), acc.dVt.data(), acc.dc.data(), g);
+}
+
+template <typename Real>
 void Engine<Real>::finish_model(int m, Real* params, Real* grads, Real* exp_avg, Real* exp_avg_sq,
                                 const AdamWArgs* adamw_args, ExampleGrads<Real>& acc,
                                 Workspace<Real>& ws, StepOutput out) const {
     const std::size_t P = layout_.P, off = std::size_t(m) * P;
     tables_backward(shape_, ParamPtrs<Real>(params + off, layout_), ws, acc, ParamPtrs<Real>(grads + off, layout_));
+    update_model(m, params, grads, exp_avg, exp_avg_sq, adamw_args, acc.loss, out);
+}
+
+template <typename Real>
+void Engine<Real>::update_model(int m, Real* params, Real* grads, Real* exp_avg, Real* exp_avg_sq,
+                                const AdamWArgs* adamw_args, double loss, StepOutput out) const {
+    const std::size_t P = layout_.P, off = std::size_t(m) * P;
     // g - g is 0 for every finite g and NaN otherwise: one vectorisable pass.
     Real nonfinite = 0;
     const Real* g = grads + off;
     for (std::size_t i = 0; i < P; ++i) nonfinite += g[i] - g[i];
-    const bool finite = std::isfinite(acc.loss) && nonfinite == Real(0);
-    out.loss[m] = acc.loss;
+    const bool finite = std::isfinite(loss) && nonfinite == Real(0);
+    out.loss[m] = loss;
     out.finite[m] = finite;
     if (adamw_args != nullptr && finite && !adamw_args->frozen[m])
         adamw(params + off, grads + off, exp_avg + off, exp_avg_sq + off, P, adamw_args->lr[m],
@@ -1004,7 +1388,25 @@ void Engine<Real>::step(Real* params, Real* grads, Real* exp_avg, Real* exp_avg_
     (void)n_threads;
 #endif
     const std::size_t P = layout_.P;
-    while (int(workspaces_.size()) < threads) workspaces_.push_back(std::make_unique<Workspace<Real>>(shape_));
+    const bool direct = precision_ != Precision::fp32;
+    while (int(workspaces_.size()) < threads)
+        workspaces_.push_back(std::make_unique<Workspace<Real>>(shape_, !direct));
+    if (direct) {
+        while (int(direct_weights_.size()) < threads)
+            direct_weights_.push_back(std::make_unique<DirectWeights<Real>>(shape_, precision_));
+        while (int(direct_tiles_.size()) < threads)
+            direct_tiles_.push_back(std::make_unique<DirectTile<Real>>(shape_, precision_, direct_tile(precision_)));
+        while (int(direct_grads_.size()) < threads)
+            direct_grads_.push_back(std::make_unique<DirectGrads<Real>>(shape_));
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+        for (int m = 0; m < M; ++m) {
+            const int tid = thread_id();
+            DirectGrads<Real>& acc = *direct_grads_[tid];
+            direct_model(m, params, grads, *workspaces_[tid], *direct_weights_[tid], *direct_tiles_[tid], acc);
+            update_model(m, params, grads, exp_avg, exp_avg_sq, adamw_args, acc.loss, out);
+        }
+        return;
+    }
     while (int(accumulators_.size()) < threads) accumulators_.push_back(std::make_unique<ExampleGrads<Real>>(shape_));
     while (int(tiles_.size()) < threads) tiles_.push_back(std::make_unique<TileScratch<Real>>(shape_));
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
@@ -1038,7 +1440,39 @@ void Engine<Real>::logits(const Real* params, const int64_t* models, int n_model
     // example's logits do not depend on its tile, so neither the thread count
     // nor the other models change them.
     const int chunk = std::min(threads, n_models);
-    while (int(workspaces_.size()) < chunk) workspaces_.push_back(std::make_unique<Workspace<Real>>(shape_));
+    const bool direct = precision_ != Precision::fp32;
+    while (int(workspaces_.size()) < chunk) workspaces_.push_back(std::make_unique<Workspace<Real>>(shape_, !direct));
+    if (direct) {
+        while (int(direct_weights_.size()) < chunk)
+            direct_weights_.push_back(std::make_unique<DirectWeights<Real>>(shape_, precision_));
+        while (int(direct_tiles_.size()) < threads)
+            direct_tiles_.push_back(std::make_unique<DirectTile<Real>>(shape_, precision_, direct_tile(precision_)));
+        const int DTILE = direct_tile(precision_), dtiles = (N + DTILE - 1) / DTILE;
+        for (int c0 = 0; c0 < n_models; c0 += chunk) {
+            const int count = std::min(chunk, n_models - c0);
+#pragma omp parallel num_threads(threads)
+            {
+#pragma omp for schedule(dynamic, 1)
+                for (int k = 0; k < count; ++k) {
+                    const ParamPtrs<Real> p(const_cast<Real*>(params) + std::size_t(models[c0 + k]) * P, layout_);
+                    attention_tables(s, p, *workspaces_[k]);
+                    direct_weights_[k]->prepare(s, p, precision_);
+                }
+#pragma omp for schedule(dynamic, 1)
+                for (int item = 0; item < count * dtiles; ++item) {
+                    const int k = item / dtiles, i0 = (item % dtiles) * DTILE, n_ex = std::min(DTILE, N - i0);
+                    DirectTile<Real>& tile = *direct_tiles_[thread_id()];
+                    const ParamPtrs<Real> p(const_cast<Real*>(params) + std::size_t(models[c0 + k]) * P, layout_);
+                    direct_forward(s, p, *workspaces_[k], *direct_weights_[k], precision_, x + i0, y + i0, n_ex, tile);
+                    Real* dst = out + (std::size_t(c0 + k) * N + i0) * V;
+                    for (int i = 0; i < n_ex; ++i)
+                        std::copy(tile.logits.data() + std::size_t(i) * Vp,
+                                  tile.logits.data() + std::size_t(i) * Vp + V, dst + std::size_t(i) * V);
+                }
+            }
+        }
+        return;
+    }
     while (int(tiles_.size()) < threads) tiles_.push_back(std::make_unique<TileScratch<Real>>(shape_));
     while (int(eval_x_rows_.size()) < chunk) eval_x_rows_.push_back(std::make_unique<XRowTables<Real>>(s));
     for (int c0 = 0; c0 < n_models; c0 += chunk) {

@@ -24,6 +24,8 @@
 #include <memory>
 #include <vector>
 
+#include "precision.hpp"
+
 namespace fastgrok {
 
 // fastgrok/layout.py's TokenRows: row r of the per-step tables holds token[r]
@@ -97,11 +99,20 @@ template <typename Real> struct Workspace;
 template <typename Real> struct ExampleGrads;
 template <typename Real> struct TileScratch;
 template <typename Real> struct XRowTables;
+template <typename Real> struct DirectWeights;
+template <typename Real> struct DirectTile;
+template <typename Real> struct DirectGrads;
 
+// precision: how the per-example products with W_O, W_in, W_out and W_U take
+// their operands (precision.hpp). fp32 computes the function through the
+// rewrite of engine.cpp, in which those products do not exist; every other mode
+// computes them directly, as the batched engine does (engine.cpp, "The
+// direct path").
 template <typename Real>
 class Engine {
   public:
-    Engine(const ModelShape& shape, const ParamLayout& layout, const TrainingSet& data);
+    Engine(const ModelShape& shape, const ParamLayout& layout, const TrainingSet& data,
+           Precision precision = Precision::fp32);
     ~Engine();
 
     // Loss and gradients of every model into grads (M, P); with adamw set, an
@@ -120,11 +131,17 @@ class Engine {
     ModelShape shape_;
     ParamLayout layout_;
     const TrainingSet& data_;
+    Precision precision_;
     std::vector<std::unique_ptr<Workspace<Real>>> workspaces_;
     // Example-gradient sums, one per thread.
     std::vector<std::unique_ptr<ExampleGrads<Real>>> accumulators_;
     std::vector<std::unique_ptr<TileScratch<Real>>> tiles_;
     std::vector<std::unique_ptr<XRowTables<Real>>> eval_x_rows_;  // every x row of U and UU, for logits()
+    // The direct path (precision other than fp32): rounded weights per
+    // workspace, activations and example-gradient sums per thread.
+    std::vector<std::unique_ptr<DirectWeights<Real>>> direct_weights_;
+    std::vector<std::unique_ptr<DirectTile<Real>>> direct_tiles_;
+    std::vector<std::unique_ptr<DirectGrads<Real>>> direct_grads_;
 
     // The examples of model m in x blocks block_begin..block_end-1: loss and
     // gradients w.r.t. the per-step tables into acc.
@@ -133,6 +150,12 @@ class Engine {
     void finish_model(int m, Real* params, Real* grads, Real* exp_avg, Real* exp_avg_sq,
                       const AdamWArgs* adamw, ExampleGrads<Real>& acc, Workspace<Real>& ws,
                       StepOutput out) const;
+    // The finite check and AdamW of model m, its gradients and loss complete.
+    void update_model(int m, Real* params, Real* grads, Real* exp_avg, Real* exp_avg_sq,
+                      const AdamWArgs* adamw, double loss, StepOutput out) const;
+    // Model m's whole step on the direct path, from its tables to grads.
+    void direct_model(int m, Real* params, Real* grads, Workspace<Real>& ws, DirectWeights<Real>& w,
+                      DirectTile<Real>& tile, DirectGrads<Real>& acc) const;
 };
 
 extern template class Engine<float>;

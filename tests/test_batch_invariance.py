@@ -1,9 +1,9 @@
 """A model's results never depend on its batch-mates or the thread count (README, "Reproducibility").
 
-On the ``cpu`` backend this is bitwise: parameters, both AdamW moments, the
-failed step and every stored measurement of a model are the same bits when
-it trains alone, in the whole population or in any sub-population, with one
-thread or two. On the ``torch`` backend BLAS blocks batched products by shape,
+On the ``cpu`` backend this is bitwise, in every matmul precision:
+parameters, both AdamW moments, the failed step and every stored measurement
+of a model are the same bits when it trains alone, in the whole population
+or in any sub-population, with one thread or two. On the ``torch`` backend BLAS blocks batched products by shape,
 so the promise is bitwise for one population (same runs, same order, same
 thread count) and, across populations, agreement within float32 rounding of
 one step's gradients; both are tested here exactly as stated.
@@ -40,10 +40,10 @@ def torch_threads(n):
         torch.set_num_threads(before)
 
 
-def train(runs, steps, threads, backend="cpu"):
+def train(runs, steps, threads, backend="cpu", precision="fp32"):
     """(population after `steps` steps, its measurements) with `threads` threads."""
     with torch_threads(threads):
-        pop = Population(TASK, CFG, runs, backend=backend)
+        pop = Population(TASK, CFG, runs, backend=backend, precision=precision)
         assert pop.backend == backend
         for _ in range(steps):
             pop.step()
@@ -69,32 +69,48 @@ runs_strategy = st.lists(
     min_size=1, max_size=8)
 
 
+def check_cpu_batch_invariance(runs, subset_seed, precision="fp32"):
+    steps = 4
+    whole, whole_values = train(runs, steps, threads=1, precision=precision)
+    for threads in (1, 2):
+        other, values = train(runs, steps, threads=threads, precision=precision)
+        for m in range(len(runs)):
+            assert_model_identical(other, values, m, whole, whole_values, m, f"{precision}, whole, {threads} threads")
+        subset = sorted(np.random.default_rng(subset_seed).choice(
+            len(runs), size=np.random.default_rng(subset_seed + 1).integers(1, len(runs) + 1), replace=False))
+        sub, sub_values = train([runs[m] for m in subset], steps, threads=threads, precision=precision)
+        for i, m in enumerate(subset):
+            assert_model_identical(sub, sub_values, i, whole, whole_values, m,
+                                   f"{precision}, sub-population {subset}, {threads} threads")
+    for m in range(len(runs)):
+        alone, alone_values = train([runs[m]], steps, threads=2, precision=precision)
+        assert_model_identical(alone, alone_values, 0, whole, whole_values, m, f"{precision}, alone, 2 threads")
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(runs=runs_strategy, subset_seed=st.integers(0, 2 ** 32 - 1))
 def test_cpu_backend_is_bitwise_independent_of_batch_mates_and_threads(runs, subset_seed):
-    steps = 4
-    whole, whole_values = train(runs, steps, threads=1)
-    for threads in (1, 2):
-        other, values = train(runs, steps, threads=threads)
-        for m in range(len(runs)):
-            assert_model_identical(other, values, m, whole, whole_values, m, f"whole, {threads} threads")
-        subset = sorted(np.random.default_rng(subset_seed).choice(
-            len(runs), size=np.random.default_rng(subset_seed + 1).integers(1, len(runs) + 1), replace=False))
-        sub, sub_values = train([runs[m] for m in subset], steps, threads=threads)
-        for i, m in enumerate(subset):
-            assert_model_identical(sub, sub_values, i, whole, whole_values, m, f"sub-population {subset}, {threads} threads")
-    for m in range(len(runs)):
-        alone, alone_values = train([runs[m]], steps, threads=2)
-        assert_model_identical(alone, alone_values, 0, whole, whole_values, m, "alone, 2 threads")
+    check_cpu_batch_invariance(runs, subset_seed)
 
 
-def test_cpu_backend_a_single_model_is_the_same_with_one_to_four_threads():
+# The precision modes run the C++ engine's direct path (csrc/engine.cpp): the
+# same promise, checked on fewer draws.
+@pytest.mark.parametrize("precision", ["tf32", "bf16", "bf16x3"])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(runs=runs_strategy, subset_seed=st.integers(0, 2 ** 32 - 1))
+def test_cpu_backend_is_bitwise_independent_of_batch_mates_and_threads_in_the_precision_modes(
+        precision, runs, subset_seed):
+    check_cpu_batch_invariance(runs, subset_seed, precision)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16x3"])
+def test_cpu_backend_a_single_model_is_the_same_with_one_to_four_threads(precision):
     """A population smaller than the thread count: the same bits on 1 to 4 threads."""
     runs = [RunSpec(train_size=121, init_seed=5, weight_decay=0.3)]
-    pop1, values1 = train(runs, 10, threads=1)
+    pop1, values1 = train(runs, 10, threads=1, precision=precision)
     for threads in (2, 3, 4):
-        pop, values = train(runs, 10, threads=threads)
-        assert_model_identical(pop, values, 0, pop1, values1, 0, f"{threads} threads")
+        pop, values = train(runs, 10, threads=threads, precision=precision)
+        assert_model_identical(pop, values, 0, pop1, values1, 0, f"{precision}, {threads} threads")
 
 
 def test_torch_backend_is_bitwise_for_one_population_and_close_across_populations():

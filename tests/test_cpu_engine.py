@@ -303,26 +303,31 @@ SANITIZED_RUN = textwrap.dedent("""
     spec.loader.exec_module(ext)
     data = dict(np.load(sys.argv[2]))
     out = {}
-    for dtype in (np.float32, np.float64):
-        for threads in (1, 2, 3):  # 3 threads > M = 2 models: the sharded path
-            engine = ext.Engine(**{k: int(data[k]) for k in ("n", "d_vocab", "d_model", "n_heads", "d_head", "d_mlp",
-                                                             "n_ctx", "op_row", "first_y_row", "eq_row")},
-                                **{k: data[k] for k in ("param_offsets", "row_token", "row_pos", "x", "y", "labels",
-                                                        "train_size")})
-            state = [data["params"].astype(dtype)] + [np.zeros_like(data["params"], dtype=dtype) for _ in range(3)]
-            for step in range(1, 11):
-                loss, finite = engine.step(*state, lr=data["lr"], weight_decay=data["wd"],
-                                           frozen=np.zeros(len(data["lr"]), dtype=bool), step=step,
-                                           beta1=0.9, beta2=0.98, eps=1e-8, n_threads=threads)
-            out[f"{np.dtype(dtype).name}_{threads}"] = state[0]
+    pairs = np.arange(int(data["n"]) ** 2)
+    for precision in PRECISIONS:  # fp32: the rewrite; the others: the direct path
+        for dtype in (np.float32, np.float64):
+            for threads in (1, 2, 3):  # 3 threads > M = 2 models: the sharded path
+                engine = ext.Engine(**{k: int(data[k]) for k in ("n", "d_vocab", "d_model", "n_heads", "d_head",
+                                                                 "d_mlp", "n_ctx", "op_row", "first_y_row", "eq_row")},
+                                    **{k: data[k] for k in ("param_offsets", "row_token", "row_pos", "x", "y",
+                                                            "labels", "train_size")}, precision=precision)
+                state = [data["params"].astype(dtype)] + [np.zeros_like(data["params"], dtype=dtype) for _ in range(3)]
+                for step in range(1, 11):
+                    loss, finite = engine.step(*state, lr=data["lr"], weight_decay=data["wd"],
+                                               frozen=np.zeros(len(data["lr"]), dtype=bool), step=step,
+                                               beta1=0.9, beta2=0.98, eps=1e-8, n_threads=threads)
+                engine.logits(state[0], np.array([1, 0]), pairs // int(data["n"]), pairs % int(data["n"]), threads)
+                out[f"{precision}_{np.dtype(dtype).name}_{threads}"] = state[0]
     np.savez(sys.argv[3], **out)
 """)
+SANITIZED_PRECISIONS = ("fp32", "tf32", "bf16x3")
 
 
 @pytest.mark.slow
 def test_sanitized_build_trains_without_reports(tmp_path):
     """Build csrc/ with -fsanitize=address,undefined and train a few steps on
-    ragged data in float32 and float64, on the whole-model and sharded paths."""
+    ragged data in float32 and float64, on the whole-model and sharded paths,
+    in fp32 (the rewrite) and two precisions of the direct path, and evaluate."""
     import pybind11
 
     if not COMPILER:
@@ -344,7 +349,7 @@ def test_sanitized_build_trains_without_reports(tmp_path):
                        train_size=np.asarray(pop.train_size, dtype=np.int64))
     np.savez(inputs, params=pop.flat_params.numpy(), lr=pop.lr, wd=pop.weight_decay, **args)
     script = tmp_path / "run.py"
-    script.write_text(SANITIZED_RUN)
+    script.write_text(SANITIZED_RUN.replace("PRECISIONS", repr(SANITIZED_PRECISIONS)))
     asan = subprocess.run([COMPILER, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
     ubsan = subprocess.run([COMPILER, "-print-file-name=libubsan.so"], capture_output=True, text=True).stdout.strip()
     env = {**os.environ, "LD_PRELOAD": f"{asan} {ubsan}", "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
@@ -355,11 +360,14 @@ def test_sanitized_build_trains_without_reports(tmp_path):
     assert "runtime error" not in result.stderr and "AddressSanitizer" not in result.stderr, result.stderr[-5000:]
 
     # The instrumented build trains the same models as the optimised one.
-    for _ in range(10):
-        pop.step()
     out = np.load(tmp_path / "out.npz")
-    for key in out.files:
-        np.testing.assert_allclose(out[key], pop.flat_params.numpy(), rtol=1e-3, atol=1e-5, err_msg=key)
+    for precision in SANITIZED_PRECISIONS:
+        pop = cpu_population(runs, task=task, cfg=cfg, n_threads=2, precision=precision)
+        for _ in range(10):
+            pop.step()
+        for key in out.files:
+            if key.startswith(precision + "_"):
+                np.testing.assert_allclose(out[key], pop.flat_params.numpy(), rtol=1e-3, atol=1e-5, err_msg=key)
 
 
 def test_flop_count_matches_hand_count_at_the_paper_config():

@@ -8,12 +8,21 @@ buffers across as zero-copy numpy views. Float32 states train; float64 ones
 run the same algorithm in double precision, to check it against the float64
 oracle.
 
+Matmul precision (``state.precision``, ``fastgrok.precision``): fp32 runs the
+engine's algebraic rewrite; tf32, bf16 and bf16x3 run its direct path, the
+batched engine's per-example products with both operands rounded on the bit
+pattern (csrc/engine.cpp, "The direct path"), slower than fp32's rewrite. A
+float64 state rounds to the same mantissa bit counts on the float64 pattern,
+as ``fastgrok.precision.round_mantissa`` does, so it checks the direct path
+against the float64 oracle at the same precision.
+
 The engine derives neither the parameter layout nor the token rows: it
 receives the state's ``fastgrok.layout.ParamLayout`` offsets and
 ``TokenRows`` and checks them against the structure it relies on.
 
 Reproducibility: a model's bits depend neither on its batch-mates nor on the
-thread count (csrc/engine.cpp, "Threads and reproducibility").
+thread count, in every precision (csrc/engine.cpp, "Threads and
+reproducibility").
 
 The extension is built by ``pip install`` (setup.py); if the build failed,
 ``CpuBackend.available`` says why and ``select_backend`` falls back to torch.
@@ -28,6 +37,7 @@ from torch import Tensor
 
 from fastgrok.config import ModelConfig
 from fastgrok.layout import PARAM_NAMES, TokenRows
+from fastgrok.precision import PRECISIONS, check_precision
 
 _BUILD_ERROR_FILE = Path(__file__).parent.parent / "_cpu_engine_build_error.txt"
 _STATE = ("flat_params", "flat_grads", "exp_avg", "exp_avg_sq")
@@ -48,11 +58,11 @@ class CpuBackend:
 
     The object owns the native engine of the state it steps (built on first
     use; it holds the examples sorted for cache locality and the scratch
-    buffers) and rebuilds it when the state's training data changed.
+    buffers) and rebuilds it when the state's training data or precision changed.
     """
 
     name = "cpu"
-    precisions = ("fp32",)
+    precisions = PRECISIONS
     default_precision = "fp32"
 
     def __init__(self, n_threads: int | None = None):
@@ -83,8 +93,14 @@ class CpuBackend:
         return dict(_extension().build_info())
 
     @staticmethod
-    def flops_per_model_step(cfg: ModelConfig, n_train: int) -> int:
+    def flops_per_model_step(cfg: ModelConfig, n_train: int, precision: str = "fp32") -> int:
         """Floating-point operations of one model's step in this engine (2 per multiply-add).
+
+        In tf32, bf16 and bf16x3 (the direct path): per example the batched
+        engine's 3 * (H*Dh*D + 2*D*F + D*V) multiply-adds, three times that in
+        bf16x3 (three GEMMs per product), plus 12*H*Dh for z, da and dV_tab;
+        per step the key/value/query tables and their backward. The rest of
+        this docstring is fp32's count.
 
         Counts the matrix arithmetic of csrc/engine.cpp without its padding of
         F and V to the vector width: per example 3*F*V (logits, dW_OU,
@@ -97,6 +113,12 @@ class CpuBackend:
         """
         D, H, Dh, F, V = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp, cfg.d_vocab
         R, HDh = TokenRows(V - 2).R, H * Dh
+        attention = (2 * R * D * HDh + D * HDh + R * HDh          # keys, values, query, scores
+                     + 2 * R * HDh + 2 * D * R * HDh + D * HDh    # dK, dq; dW_K, dW_V, dW_Q
+                     + 2 * R * HDh * D + HDh * D)                 # d rows
+        if check_precision(precision) != "fp32":
+            products = 3 * (HDh * D + 2 * D * F + D * V) * (3 if precision == "bf16x3" else 1)
+            return 2 * (n_train * (products + 12 * HDh) + attention)
         per_example = 3 * F * V + 12 * H * (F + V)
         tables_forward = (2 * R * D * HDh + D * HDh + R * HDh     # keys, values, query, scores
                           + HDh * D * (F + V)                     # W_OI, W_OUh
@@ -114,9 +136,10 @@ class CpuBackend:
         return self.n_threads or torch.get_num_threads()
 
     def engine(self, state):
-        """The native engine of ``state``, rebuilt when its training data changed."""
+        """The native engine of ``state``, rebuilt when its training data or its precision changed."""
         tensors = tuple(getattr(state, name) for name in _DATA)
-        data = (tensors, tuple(t._version for t in tensors), tuple(int(n) for n in state.train_size))
+        precision = check_precision(state.precision)
+        data = (tensors, tuple(t._version for t in tensors), tuple(int(n) for n in state.train_size), precision)
         if self._engine is not None and all(a is b for a, b in zip(self._data[0], tensors)) \
                 and self._data[1:] == data[1:]:
             return self._engine
@@ -134,7 +157,7 @@ class CpuBackend:
             eq_row=rows.eq_row,
             x=_array(state.train_x, torch.int64, "train_x"), y=_array(state.train_y, torch.int64, "train_y"),
             labels=_array(state.train_labels, torch.int64, "train_labels"),
-            train_size=np.ascontiguousarray(state.train_size, dtype=np.int64))
+            train_size=np.ascontiguousarray(state.train_size, dtype=np.int64), precision=precision)
         self._data = data
         return self._engine
 
