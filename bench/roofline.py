@@ -1,11 +1,11 @@
 """ESTIMATES, not measurements: a roofline of the fused Triton step on A100 and H100.
 
 For the paper config (or any preset) it counts, per model-step, the FLOPs the
-three kernels execute and the bytes they move, then bounds model-steps/s by
+kernels execute and the bytes they move, then bounds model-steps/s by
 each resource a GPU has:
 
-* compute: FLOPs / peak rate of the matmul precision (ieee: the FP32 FMA rate;
-  tf32x3: one third of the TF32 tensor-core rate, it issues three MMAs per
+* compute: FLOPs / peak rate of the matmul precision (fp32: the FP32 FMA rate;
+  bf16x3: one third of the BF16 tensor-core rate, it issues three MMAs per
   product; tf32 and bf16: their tensor-core rates), datasheet dense peaks;
 * HBM: the bytes that must reach DRAM once per step (parameters, AdamW moments,
   gradients, tables, training data) / HBM bandwidth;
@@ -42,12 +42,12 @@ class GPU:
 
 
 # Datasheet dense peaks (NVIDIA A100 80GB SXM and H100 SXM5 datasheets);
-# tf32x3 = TF32 / 3. L2 bandwidth: assumed, order of magnitude from public
+# bf16x3 = BF16 / 3. L2 bandwidth: assumed, order of magnitude from public
 # microbenchmarks (e.g. chipsandcheese.com, "Nvidia's H100: Funny L2, and Tons
 # of Bandwidth", 2023); override with --l2-tbs.
 GPUS = (
-    GPU("A100-SXM4-80GB", dict(ieee=19.5, tf32x3=156 / 3, tf32=156, bf16=312), hbm_tbs=2.039, l2_tbs=4.0),
-    GPU("H100-SXM5", dict(ieee=67.0, tf32x3=494.7 / 3, tf32=494.7, bf16=989.4), hbm_tbs=3.35, l2_tbs=5.5),
+    GPU("A100-SXM4-80GB", dict(fp32=19.5, bf16x3=312 / 3, tf32=156, bf16=312), hbm_tbs=2.039, l2_tbs=4.0),
+    GPU("H100-SXM5", dict(fp32=67.0, bf16x3=989.4 / 3, tf32=494.7, bf16=989.4), hbm_tbs=3.35, l2_tbs=5.5),
 )
 
 FP32 = 4

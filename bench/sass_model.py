@@ -24,7 +24,8 @@ instructions counted per class, each weighted by how often it runs:
   kernel), evaluated on the kernel's source with the launch's constexprs and
   integer arguments, each inlined helper's parameters bound to its call
   site's arguments and ``tl.program_id`` / ``tl.num_programs`` from the grid:
-  the persistent tile loop runs ceil or floor of n_tiles / programs times,
+  the persistent loop over groups of tiles runs ceil or floor of n_groups /
+  programs times,
   program by program.
 * An instruction inside a source ``if`` whose test depends only on the
   program id and the launch (``if blk == 0:`` in kernels.adamw) is weighted by
@@ -33,7 +34,7 @@ instructions counted per class, each weighted by how often it runs:
   dots, each times the warps its layout replicates it over (a 32-row tile on
   a [4, 1] warp layout is computed twice) and times the source loops around
   it, unrolled or not; and the dots without replication must equal the
-  kernel's matmul FLOPs by hand (x3 for tf32x3). The ratio of the two is
+  kernel's matmul FLOPs by hand (x3 for bf16x3). The ratio of the two is
   the redundant tensor work the compiled kernel really does.
 
 Per model-step (a kernel's total over its grid divided by the M models):
@@ -56,7 +57,7 @@ block below. Real kernels reach these bounds only approximately (latency,
 bank conflicts, L1 behaviour); bench/bench_gpu.py measures.
 
     python bench/sass_model.py                                  # sm_90, D = 2000, 200 models, all precisions
-    python bench/sass_model.py --arch 80 --precision tf32x3 --csv out.csv --loops
+    python bench/sass_model.py --arch 80 --precision bf16x3 --csv out.csv --loops
 """
 from __future__ import annotations
 
@@ -90,13 +91,14 @@ from fastgrok.config import get_preset
 from fastgrok.backends import torch_engine as _torch_engine  # noqa: E402
 from fastgrok.backends.triton_engine import Options  # noqa: E402
 from fastgrok.kernels import adamw as _adamw, aot, examples as _examples, layout as _layout  # noqa: E402
-from fastgrok.kernels import tables_forward as _tables_forward  # noqa: E402
+from fastgrok.kernels import reduce as _reduce, tables_forward as _tables_forward  # noqa: E402
 
 adamw_args, adamw_kernel = _adamw.adamw_args, _adamw.adamw_kernel
 Tiles, examples_args, examples_kernel = _examples.Tiles, _examples.examples_args, _examples.examples_kernel
 scratch_floats = _examples.scratch_floats
 PRECISIONS, Layout, Workspace = _layout.PRECISIONS, _layout.Layout, _layout.Workspace
 tables_forward_args, tables_forward_kernel = _tables_forward.tables_forward_args, _tables_forward.tables_forward_kernel
+reduce_args, reduce_kernel = _reduce.reduce_args, _reduce.reduce_kernel
 CHUNK, flops_per_model_step = _torch_engine.CHUNK, _torch_engine.flops_per_model_step
 
 # ----------------------------------------------------------------------------
@@ -757,8 +759,8 @@ class Dot:
 
 
 def ttgir_dots(ttgir: str) -> list[Dot]:
-    """The MMA dots of a kernel's TTGIR (after tf32x3 is split into its three dots);
-    FMA dots (ieee) run on the FP32 pipe and are left out."""
+    """The MMA dots of a kernel's TTGIR (bf16x3's three dots each);
+    FMA dots (fp32, input_precision "ieee") run on the FP32 pipe and are left out."""
     layouts = {name: (list(map(int, warps.split(","))), list(map(int, instr.split(","))))
                for name, warps, instr in re.findall(
                    r"^(#mma\d*) = #ttg\.nvidia_mma<\{.*?warpsPerCTA = \[([\d, ]+)\].*?instrShape = \[([\d, ]+)\]",
@@ -898,24 +900,31 @@ def count(sass: str, launch: Launch, model: KernelModel) -> KernelModel:
 
 def step_launches(cfg, precision: str, arch: int, M: int, D: int, programs: int,
                   options: Options = Options()) -> list[tuple[object, tuple, dict]]:
-    """(kernel, grid, keyword arguments) of the three launches of one step of M models
-    with D examples each, as the Triton engine's ``_State.launch`` builds them (meta tensors
-    stand in for the device buffers: only shapes and dtypes matter here)."""
+    """(kernel, grid, keyword arguments) of the four launches of one step of M models
+    with D examples each, as the Triton engine's ``_DeviceState`` builds them (meta tensors
+    stand in for the device buffers: only shapes and dtypes matter here). The
+    examples' operands cycle through the elements (x = i mod n, y = i div n mod n), so
+    every element has about D / n examples, as a random training set has."""
     meta = "meta"
     L = Layout.from_config(cfg)
+    n = L.rows.n
     params = torch.empty(M, L.P, device=meta)
-    ws = Workspace.allocate(L, M, meta)
+    i = torch.arange(D)
+    x, y = (i % n).expand(M, D), (i // n % n).expand(M, D)
+    tiles = Tiles.build(np.full(M, D), x, y, n, options.block_n, options.group_tiles, "cpu")
+    ws = Workspace.allocate(L, M, D, tiles.count, meta)
     data = torch.empty(M, D, dtype=torch.int64, device=meta)
-    tiles = Tiles.build(np.full(M, D), options.block_n, "cpu")
     scratch = torch.empty(min(programs, tiles.count), scratch_floats(L, options.block_n), device=meta)
     lr = torch.empty(M, dtype=torch.float64, device=meta)
-    g1, tf = tables_forward_args(L, params, params, ws, precision, block_k=options.block_k, arch=arch)
-    g2, ex = examples_args(L, params, params, ws, scratch, data, data, data, torch.empty(M, D, device=meta), tiles,
+    g1, tf = tables_forward_args(L, params, ws, block_k=options.block_k, arch=arch)
+    g2, ex = examples_args(L, params, ws, scratch, data, data, data, torch.empty(M, D, device=meta), tiles,
                            precision, block_n=options.block_n, block_c=options.block_c, block_k=options.block_k,
-                           arch=arch)
-    g3, ad = adamw_args(L, params, params, params, params, lr, lr, torch.empty(M, dtype=torch.int32, device=meta),
-                        torch.empty(4, dtype=torch.float64, device=meta), ws, (0.9, 0.98), 1e-8, precision, arch=arch)
-    return [(tables_forward_kernel, g1, tf), (examples_kernel, g2, ex), (adamw_kernel, g3, ad)]
+                           group_tiles=options.group_tiles, arch=arch)
+    g3, rd = reduce_args(L, params, ws, tiles, D, arch=arch)
+    g4, ad = adamw_args(L, params, params, params, params, lr, lr, torch.empty(M, dtype=torch.int32, device=meta),
+                        torch.empty(4, dtype=torch.float64, device=meta), ws, (0.9, 0.98), 1e-8, arch=arch)
+    return [(tables_forward_kernel, g1, tf), (examples_kernel, g2, ex), (reduce_kernel, g3, rd),
+            (adamw_kernel, g4, ad)]
 
 
 def _pad(n: int, block: int) -> int:
@@ -945,7 +954,11 @@ def expected_matmul_flops(name: str, kw: dict, grid: tuple, L: Layout) -> int:
                     + wgrad(D, V) + out(D, V) + wgrad(F, D) + out(F, D)      # dW_U, dresid, dW_out, dpre
                     + wgrad(D, F) + out(D, F) + wgrad(HD, D)                 # dW_in, d resid_mid, dW_O
                     + H * N * BDH * _pad(D, K))                              # dz, per head
-        return 2 * per_tile * kw["n_tiles"]
+        # every tile slot of every group, as the SASS count takes the data-dependent
+        # ``if start < size`` (exact when D is a multiple of BLOCK_N x GROUP_TILES)
+        return 2 * per_tile * kw["n_groups"] * kw["GROUP_TILES"]
+    if name == "reduce_kernel":
+        return 0
     if name == "adamw_kernel":  # block 0 of each model: kernels.tables_backward
         BR, C = kw["BLOCK_R"], kw["BLOCK_C"]
         dW_KV = 2 * _pad(D, C) * _pad(HD, C) * _pad(R, BR)
@@ -955,17 +968,19 @@ def expected_matmul_flops(name: str, kw: dict, grid: tuple, L: Layout) -> int:
     raise KeyError(name)
 
 
-PRODUCTS_PER_DOT = {"ieee": 0, "tf32x3": 3, "tf32": 1, "bf16": 1}
+PRODUCTS_PER_DOT = {"fp32": 0, "bf16x3": 3, "tf32": 1, "bf16": 1}
 
 
 def cross_check(model: KernelModel, kwargs: dict, precision: str, layout: Layout, per: int = 1) -> tuple[bool, str]:
     """(passed, text): the tensor FLOPs counted in the SASS must equal the TTGIR's
     dots x their warp replication x their source loops, and those dots without
-    replication the kernel's matmul FLOPs by hand (x3 for tf32x3). ``per``:
+    replication the kernel's matmul FLOPs by hand (x3 for bf16x3). ``precision``: the
+    population's; the table kernels compute in fp32 whatever it is. ``per``:
     divisor for the figures printed (models, for per model-step)."""
     sass = sum(model.tensor_flops.values())
     matmul = expected_matmul_flops(model.name, kwargs, model.grid, layout)
-    if precision == "ieee":
+    precision = kwargs.get("PRECISION", "fp32")
+    if precision == "fp32":
         ok = sass == 0 and model.dot_flops == 0 and model.fp32_flops >= matmul
         return ok, (f"no tensor instructions; FP32-pipe FLOPs {model.fp32_flops / per:.4g} >= matmul FLOPs "
                     f"{matmul / per:.4g}")
@@ -1162,7 +1177,7 @@ def main(argv: list[str] | None = None) -> int:
                     for c in CLASSES:
                         emit(gpu, precision, model.name, f"count_{c}", model.counts.get(c, 0) / M,
                              "warp-instructions/model-step")
-                print(_row("step (3 launches)", total, M, f"-> {M / total['estimate']:.4g} model-steps/s"))
+                print(_row(f"step ({len(models)} launches)", total, M, f"-> {M / total['estimate']:.4g} model-steps/s"))
                 emit(gpu, precision, "step", "estimate_time", total["estimate"] / M * 1e6, "us/model-step")
                 emit(gpu, precision, "step", "model_steps_per_s", M / total["estimate"], "1/s")
     print(f"\ntorch engine (the batched torch engine, chunks of {CHUNK} examples), per model-step:")

@@ -3,11 +3,11 @@
 Compiles every kernel ahead of time for each GPU architecture (no GPU needed;
 fastgrok.kernels.aot) at a model config (default: the paper's) and prints one
 row per (kernel, architecture, precision), plus the launches per training
-step; the three of a step, then the table backward that a gradient without
+step; the four of a step, then the table backward that a gradient without
 an update launches instead of AdamW.
 
     python bench/triton_resources.py                     # paper config, every precision
-    python bench/triton_resources.py --precision tf32x3 --csv out.csv
+    python bench/triton_resources.py --precision bf16x3 --csv out.csv
 
 Exits with status 1 if any kernel spills or needs more shared memory than
 its architecture allows per block.
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     for arch in args.arch or sorted(SHARED_LIMIT):
         for precision in args.precision or PRECISIONS:
-            for r in step_resources(cfg, arch, precision) + [tables_backward_resources(cfg, arch, precision)]:
+            for r in step_resources(cfg, arch, precision) + [tables_backward_resources(cfg, arch)]:
                 rows.append(dict(asdict(r), shared_limit=r.shared_limit, launches_per_step=LAUNCHES_PER_STEP))
                 print(f"{r.kernel:<22} {'sm_' + str(arch):>5} {r.precision:>9} {r.num_warps:>5} {r.registers:>5} "
                       f"{r.spill_stores + r.spill_loads:>8} {r.local_bytes:>8} {r.shared_bytes / 1024:>8.1f} "

@@ -88,12 +88,13 @@ def interpreted():
     import fastgrok.kernels.adamw
     import fastgrok.kernels.examples
     import fastgrok.kernels.layout
+    import fastgrok.kernels.reduce
     import fastgrok.kernels.tables_backward
     import fastgrok.kernels.tables_forward
 
     k = fastgrok.kernels
     return SimpleNamespace(engine=fastgrok.backends.triton_engine, layout=k.layout, tables_forward=k.tables_forward,
-                           tables_backward=k.tables_backward, examples=k.examples, adamw=k.adamw)
+                           tables_backward=k.tables_backward, examples=k.examples, adamw=k.adamw, reduce=k.reduce)
 
 
 torch.set_num_threads(1)

@@ -36,11 +36,11 @@ OPTIM = OptimConfig(warmup_steps=3)
 RUNS = [RunSpec(train_size=1, data_seed=0, init_seed=0, lr=3e-3, weight_decay=0.5),
         RunSpec(train_size=20, data_seed=1, init_seed=1, lr=1e-2, weight_decay=1.0),
         RunSpec(train_size=37, data_seed=2, init_seed=2, lr=2e-3, weight_decay=0.0, random_labels=True)]
-TRITON_TILING = dict(block_n=16, block_c=16, block_k=16, programs=2, precision="ieee")
+TRITON_TILING = dict(block_n=16, block_c=16, block_k=16, group_tiles=2, programs=2)
 # Interpreted Triton is slow: it trains for fewer steps.
 STEPS = {"torch": 100, "cpu": 100, "triton": 4}
 # Which backends promise a model's bits independent of its batch-mates.
-BATCH_INVARIANT = {"torch": False, "cpu": True, "triton": False}
+BATCH_INVARIANT = {"torch": False, "cpu": True, "triton": True}
 
 
 @pytest.fixture(params=["torch", "cpu", "triton"])
@@ -56,7 +56,8 @@ def population(backend, runs, optim=OPTIM, dtype=torch.float32):
         from fastgrok.backends.triton_engine import TritonBackend
 
         # Built directly: it refuses a CPU device, which the interpreter runs on.
-        return Population(TASK, CFG, runs, optim, backend=TritonBackend(**TRITON_TILING), dtype=dtype)
+        return Population(TASK, CFG, runs, optim, backend=TritonBackend(**TRITON_TILING), dtype=dtype,
+                          precision="fp32")
     pop = Population(TASK, CFG, runs, optim, backend=backend, dtype=dtype)
     assert pop.backend == backend
     return pop

@@ -1,45 +1,62 @@
-"""The triton backend: a training step in three fused launches on a CUDA GPU.
+"""The triton backend: a training step in four fused launches on a CUDA GPU.
 
 ``TritonBackend`` is a ``fastgrok.backends.Backend``. A step of the population is
 
-1. ``fastgrok.kernels.tables_forward``  grid (M, row blocks)       key/value/score tables
-2. ``fastgrok.kernels.examples``        grid (programs,)           loss, gradients of W_O..W_U
-                                        persistent over tiles      and of the row tables
-3. ``fastgrok.kernels.adamw``           grid (M, 1 + param blocks) gradients of W_E..W_V,
-                                                                   AdamW of healthy models
+1. ``fastgrok.kernels.tables_forward``  grid (M, row blocks)        key/value/score tables
+2. ``fastgrok.kernels.examples``        grid (programs,)            loss and gradients of every
+                                        persistent over groups      example, summed per group of tiles
+3. ``fastgrok.kernels.reduce``          grid (M, blocks)            the sums completed in a fixed order:
+                                                                    gradients of W_O..W_U, row tables
+4. ``fastgrok.kernels.adamw``           grid (M, 1 + param blocks)  gradients of W_E..W_V,
+                                                                    AdamW of healthy models
 
 and computes what the torch backend's step computes: the same last-position,
 row-table algorithm, the same stable cross-entropy, torch.optim.AdamW with
 per-model lr and weight decay and the optimiser's warm-up, fp32 parameters,
 gradients (left in ``state.flat_grads`` as the torch backend does) and
-moments, and the same freezing of non-finite models. ``loss_and_grad`` runs
-launches 1 and 2 and the table backward alone
+moments, and the same freezing of non-finite models, at the population's
+matmul precision ``state.precision`` (fastgrok.precision: every mode, the
+operands rounded in the kernel exactly as the torch backend rounds them).
+``loss_and_grad`` runs launches 1-3 and the table backward alone
 (``fastgrok.kernels.tables_backward.tables_backward_kernel``): no update, no
 freezing. ``logits`` (evaluation) is the torch backend's forward
 (``fastgrok.backends.torch_engine``), model by model.
 
+Deterministic: no floating-point atomics; every sum has a fixed order that
+depends on a model's own training set, so two runs on one GPU are bitwise
+equal, and a model's bits do not depend on its batch-mates (for a fixed
+device type, software versions and tiling options).
+
+Self-check: the first step of a population is also computed by the torch
+backend on a copy of the state. If the losses or any model's gradients differ
+by more than ``SELF_CHECK_BOUND[precision]`` (relative to that model's
+largest gradient), or the failure flags differ, one warning says so, the
+state takes the torch backend's result and the population continues on the
+torch backend: ``name`` then reports "torch", which the run file records.
+
 Options, the constructor's arguments:
 
-* precision: matmul inputs, one of fastgrok.kernels.layout.PRECISIONS. The
-  default "tf32x3" is fp32-class (~2^-21 relative error per product, against
-  2^-24) on tensor cores; "ieee" is fp32 FMA on the CUDA cores (3x slower on
-  an H100); "tf32" and "bf16" trade input precision for speed (fp32
-  accumulation and master weights in every mode).
-* cuda_graph: capture the three launches in a CUDA graph once the kernels
+* cuda_graph: capture the four launches in a CUDA graph once the kernels
   are compiled and replay it every step.
-* block_n, block_c, block_k, programs: tiles and persistent grid of the
-  example kernel (the defaults compile without spills on sm_80 and sm_90;
-  bench/triton_resources.py).
+* block_n, block_c, block_k, group_tiles, programs: tiles of the example
+  kernel, tiles per group (one program and one partial row per group: more
+  tiles per group is less memory, 4 (P - offset of W_O) bytes per group, and
+  fewer work items), and its persistent grid (the defaults compile without
+  spills on sm_80 and sm_90; bench/triton_resources.py).
+* self_check: compare the first step with the torch backend (above).
 
 A backend object belongs to one population. It keeps that population's
 device state (workspace, tiles, device copies of lr, weight decay and the
 failure steps, the CUDA graph) and rebuilds it when the state's buffers,
-training data or configs change. Per step the host writes 4 doubles (step,
-warm-up factor, bias corrections) to the device and reads back M int32
-failure flags for ``state.mark_failures`` (one small synchronisation per step).
+training data, configs or precision change. Per step the host writes 4
+doubles (step, warm-up factor, bias corrections) to the device and reads back
+M int32 failure flags for ``state.mark_failures`` (one small synchronisation
+per step).
 """
 from __future__ import annotations
 
+import copy
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,31 +67,43 @@ from fastgrok.backends.torch_engine import TorchBackend
 from fastgrok.kernels.adamw import adamw_launch, step_scalars
 from fastgrok.kernels.examples import Tiles, examples_launch, scratch_floats
 from fastgrok.kernels.layout import DEFAULT_PRECISION, PRECISIONS, Layout, Workspace
+from fastgrok.kernels.reduce import reduce_launch
 from fastgrok.kernels.tables_backward import tables_backward_launch
 from fastgrok.kernels.tables_forward import tables_forward_launch
+
+# Largest difference from the torch backend the self-check accepts, relative to
+# each model's largest gradient (and loss). Both backends round the same
+# operands, so they differ by the order of float32 accumulation, and by the
+# operand roundings that it flips: a few units of the rounded format's last
+# place (2^-24 fp32, ~2^-17 bf16x3's lo part, 2^-11 tf32, 2^-8 bf16) times a
+# margin of ~100 for the sums of a step at the paper config.
+SELF_CHECK_BOUND = {"fp32": 1e-4, "bf16x3": 2e-4, "tf32": 5e-3, "bf16": 4e-2}
 
 
 @dataclass(frozen=True)
 class Options:
-    """precision, cuda_graph: see the module docstring. block_n examples per tile,
+    """cuda_graph, self_check: see the module docstring. block_n examples per tile,
     block_c and block_k the output-column and reduction chunks of the example
-    kernel's matmuls, programs the size of its persistent grid (None: one per
-    SM, as many as fit at 255 registers per thread; 4 without a GPU)."""
+    kernel's matmuls, group_tiles tiles per group, programs the size of its
+    persistent grid (None: one per SM, as many as fit at 255 registers per
+    thread; 4 without a GPU)."""
 
-    precision: str = DEFAULT_PRECISION
     cuda_graph: bool = False
     block_n: int = 64
     block_c: int = 32
     block_k: int = 32
+    group_tiles: int = 8
     programs: int | None = None
+    self_check: bool = True
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r}; valid: {', '.join(PRECISIONS)}")
-        if not isinstance(self.cuda_graph, bool):
-            raise ValueError(f"cuda_graph={self.cuda_graph!r}: must be True or False")
+        for name in ("cuda_graph", "self_check"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be True or False")
         if self.programs is not None and (not isinstance(self.programs, int) or self.programs < 1):
             raise ValueError(f"programs={self.programs!r}: must be an integer >= 1 (or None for one per SM)")
+        if not isinstance(self.group_tiles, int) or self.group_tiles < 1:
+            raise ValueError(f"group_tiles={self.group_tiles!r}: must be an integer >= 1")
         for name in ("block_n", "block_c", "block_k"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 16 or value & (value - 1):
@@ -86,7 +115,8 @@ def _key(state) -> tuple:
     tensors = (state.flat_params, state.flat_grads, state.exp_avg, state.exp_avg_sq,
                state.train_x, state.train_y, state.train_labels, state.train_weight)
     return (id(state), tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in tensors),
-            tuple(state.train_size.tolist()), state.cfg, state.rows, state.optim.betas, state.optim.eps)
+            tuple(state.train_size.tolist()), state.cfg, state.rows, state.optim.betas, state.optim.eps,
+            state.precision)
 
 
 class _DeviceState:
@@ -94,6 +124,8 @@ class _DeviceState:
 
     def __init__(self, state, options: Options):
         self.options = options
+        if state.precision not in PRECISIONS:
+            raise ValueError(f"precision={state.precision!r}; the triton backend offers {', '.join(PRECISIONS)}")
         self.layout = Layout.from_config(state.cfg, state.rows)
         if self.layout.params != state.layout:
             raise ValueError(f"the state's parameter layout (P={state.layout.P}) is not its model config's "
@@ -104,8 +136,9 @@ class _DeviceState:
         if options.cuda_graph and dev.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device; the population is on {dev}")
         self.key = _key(state)
-        self.ws = Workspace.allocate(self.layout, state.M, dev)
-        self.tiles = Tiles.build(state.train_size, options.block_n, dev)
+        self.tiles = Tiles.build(state.train_size, state.train_x, state.train_y, state.rows.n, options.block_n,
+                                 options.group_tiles, dev)
+        self.ws = Workspace.allocate(self.layout, state.M, state.train_x.shape[1], self.tiles.count, dev)
         programs = options.programs
         if programs is None:
             programs = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
@@ -136,23 +169,22 @@ class _DeviceState:
             self.failed.copy_(torch.as_tensor(state.failed_step, dtype=torch.int32))
         self.synced = (state.lr.copy(), state.weight_decay.copy(), state.failed_step.copy())
 
-    def launch_tables_and_examples(self, state) -> None:
-        """Launches 1 and 2: loss, the gradients of W_O..W_U and the summed row-table gradients."""
+    def launch_gradients(self, state) -> None:
+        """Launches 1-3: loss, the gradients of W_O..W_U and the summed row-table gradients."""
         o, L, ws = self.options, self.layout, self.ws
-        tables_forward_launch(L, state.flat_params, state.flat_grads, ws, o.precision, block_k=o.block_k,
-                              arch=self.arch)
-        examples_launch(L, state.flat_params, state.flat_grads, ws, self.scratch, state.train_x, state.train_y,
-                        state.train_labels, state.train_weight, self.tiles, o.precision, block_n=o.block_n,
-                        block_c=o.block_c, block_k=o.block_k, arch=self.arch)
+        tables_forward_launch(L, state.flat_params, ws, block_k=o.block_k, arch=self.arch)
+        examples_launch(L, state.flat_params, ws, self.scratch, state.train_x, state.train_y, state.train_labels,
+                        state.train_weight, self.tiles, state.precision, block_n=o.block_n, block_c=o.block_c,
+                        block_k=o.block_k, group_tiles=o.group_tiles, arch=self.arch)
+        reduce_launch(L, state.flat_grads, ws, self.tiles, state.train_x.shape[1], arch=self.arch)
 
     def launch_step(self, state) -> None:
-        self.launch_tables_and_examples(state)
+        self.launch_gradients(state)
         adamw_launch(self.layout, state.flat_params, state.flat_grads, state.exp_avg, state.exp_avg_sq, self.lr,
-                     self.wd, self.failed, self.hyper, self.ws, state.optim.betas, state.optim.eps,
-                     self.options.precision, arch=self.arch)
+                     self.wd, self.failed, self.hyper, self.ws, state.optim.betas, state.optim.eps, arch=self.arch)
 
     def run_step(self, state) -> None:
-        """The three launches: eagerly, or by replaying a graph captured after one eager step."""
+        """The four launches: eagerly, or by replaying a graph captured after one eager step."""
         if not self.options.cuda_graph:
             self.launch_step(state)
             return
@@ -167,18 +199,56 @@ class _DeviceState:
         self.graph.replay()
 
 
+_STATE_BUFFERS = ("flat_params", "flat_grads", "exp_avg", "exp_avg_sq")
+
+
+def _copy_state(state):
+    """A copy of ``state`` whose parameters, gradients, moments and host arrays are its own."""
+    twin = copy.copy(state)
+    for name in _STATE_BUFFERS:
+        setattr(twin, name, getattr(state, name).clone())
+    twin.params, twin.grads = state.layout.views(twin.flat_params), state.layout.views(twin.flat_grads)
+    for name in ("failed_step", "lr", "weight_decay"):
+        setattr(twin, name, getattr(state, name).copy())
+    return twin
+
+
+def self_check_problem(state, loss: Tensor, twin, twin_loss: Tensor) -> str | None:
+    """Why the triton step of ``state`` disagrees with the torch step of its copy ``twin``
+    (None if within SELF_CHECK_BOUND[state.precision])."""
+    bound = SELF_CHECK_BOUND[state.precision]
+    if not np.array_equal(state.failed_step, twin.failed_step):
+        return f"frozen models differ: {np.flatnonzero(state.failed_step != twin.failed_step).tolist()}"
+    for m in np.flatnonzero(twin.failed_step < 0):
+        want, got = twin.flat_grads[m], state.flat_grads[m]
+        scale = want.abs().max().item()
+        err = (got - want).abs().max().item()
+        if not err <= bound * scale:  # also catches NaN
+            return f"model {m}: gradients differ by {err:.3g}, over {bound:g} x their largest {scale:.3g}"
+        err = abs(loss[m].item() - twin_loss[m].item())
+        if not err <= bound * abs(twin_loss[m].item()):
+            return f"model {m}: loss {loss[m].item():.9g} against {twin_loss[m].item():.9g}"
+    return None
+
+
 class TritonBackend:
     """The fused Triton kernels as a backend (module docstring); options as in ``Options``."""
 
-    name = "triton"
-    precisions = ("fp32",)
-    default_precision = "fp32"
+    precisions = PRECISIONS
+    default_precision = DEFAULT_PRECISION
 
-    def __init__(self, precision: str = DEFAULT_PRECISION, cuda_graph: bool = False, block_n: int = 64,
-                 block_c: int = 32, block_k: int = 32, programs: int | None = None):
-        self.options = Options(precision, cuda_graph, block_n, block_c, block_k, programs)
+    def __init__(self, cuda_graph: bool = False, block_n: int = 64, block_c: int = 32, block_k: int = 32,
+                 group_tiles: int = 8, programs: int | None = None, self_check: bool = True):
+        self.options = Options(cuda_graph, block_n, block_c, block_k, group_tiles, programs, self_check)
         self._device_state: _DeviceState | None = None
-        self._forward = TorchBackend()
+        self._torch = TorchBackend()
+        self._checked = not self_check
+        self._fallback = False
+
+    @property
+    def name(self) -> str:
+        """ "triton", or "torch" once the self-check has handed the population to the torch backend."""
+        return self._torch.name if self._fallback else "triton"
 
     @classmethod
     def available(cls, device) -> tuple[bool, str]:
@@ -199,6 +269,26 @@ class TritonBackend:
 
     def step(self, state) -> Tensor:
         """One full-batch AdamW step of every healthy model of ``state``; the mean losses (M,)."""
+        if self._fallback:
+            return self._torch.step(state)
+        if self._checked:
+            return self._step(state)
+        twin = _copy_state(state)
+        loss = self._step(state)
+        twin_loss = self._torch.step(twin)
+        self._checked = True
+        problem = self_check_problem(state, loss, twin, twin_loss)
+        if problem is None:
+            return loss
+        warnings.warn(f"triton backend: its first step differs from the torch backend's ({problem}, precision "
+                      f"{state.precision}); this population continues on the torch backend", stacklevel=2)
+        for name in _STATE_BUFFERS:
+            getattr(state, name).copy_(getattr(twin, name))
+        state.failed_step[:] = twin.failed_step
+        self._fallback, self._device_state = True, None
+        return twin_loss
+
+    def _step(self, state) -> Tensor:
         dev = self.device_state(state)
         dev.upload_host_changes(state)
         step_count = state.step_count + 1
@@ -213,15 +303,16 @@ class TritonBackend:
 
     def loss_and_grad(self, state) -> Tensor:
         """Mean training losses (M,) of every model, frozen ones included; gradients into ``state.flat_grads``."""
+        if self._fallback:
+            return self._torch.loss_and_grad(state)
         dev = self.device_state(state)
-        dev.launch_tables_and_examples(state)
-        tables_backward_launch(dev.layout, state.flat_params, state.flat_grads, dev.ws, self.options.precision,
-                               arch=dev.arch)
+        dev.launch_gradients(state)
+        tables_backward_launch(dev.layout, state.flat_params, state.flat_grads, dev.ws, arch=dev.arch)
         return dev.ws.loss.clone()
 
     def logits(self, state, models: np.ndarray, x: Tensor, y: Tensor) -> Tensor:
         """The torch backend's forward, one model at a time (evaluation is not the hot path)."""
-        return self._forward.logits(state, models, x, y)
+        return self._torch.logits(state, models, x, y)
 
 
-__all__ = ["TritonBackend", "Options"]
+__all__ = ["TritonBackend", "Options", "SELF_CHECK_BOUND"]

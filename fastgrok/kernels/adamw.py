@@ -1,4 +1,4 @@
-"""Launch 3 of the fused step: table gradients, then AdamW with per-model lr and wd.
+"""Launch 4 of the fused step: table gradients, then AdamW with per-model lr and wd.
 
 torch.optim.AdamW semantics (decoupled weight decay on every parameter):
 
@@ -9,7 +9,7 @@ torch.optim.AdamW semantics (decoupled weight decay on every parameter):
 Grid (M, 1 + cdiv(P - OFF_W_O, BLOCK)). Block 0 of model m first computes
 the gradients of W_E..W_V from the row tables (fastgrok.kernels.tables_backward) and
 then updates those parameters; block b > 0 updates BLOCK parameters of
-W_O..W_U, whose gradients launch 2 completed. Element-wise, a parameter costs
+W_O..W_U, whose gradients launch 3 (fastgrok.kernels.reduce) completed. Element-wise, a parameter costs
 7 fp32 words of memory traffic and nothing stays on chip. lr is the model's
 base lr times the warm-up factor of this step.
 
@@ -88,7 +88,7 @@ def adamw_kernel(
     OFF_W_V: tl.constexpr, OFF_W_O: tl.constexpr, P: tl.constexpr, NUM_RB: tl.constexpr, BLOCK_RB: tl.constexpr,
     BETA1: tl.constexpr, BETA2: tl.constexpr, EPS: tl.constexpr, WITH_TABLE_GRADS: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DH: tl.constexpr,
-    SCALE: tl.constexpr, PRECISION: tl.constexpr,
+    SCALE: tl.constexpr,
 ):
     m = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
@@ -114,7 +114,7 @@ def adamw_kernel(
             tables_backward_tail(m, params_ptr, grads_ptr, K_ptr, q_ptr, dV_ptr, dS_ptr, dq_ptr, dc_ptr, Rt_ptr,
                                  D, H, Dh, R, OP_ROW, FIRST_Y_ROW, EQ_ROW, OP_TOKEN, EQ_TOKEN, POS_X, POS_OP,
                                  POS_Y, EQ_POS, OFF_W_E, OFF_W_pos, OFF_W_Q, OFF_W_K, OFF_W_V, P,
-                                 BLOCK_R, BLOCK_C, BLOCK_DH, SCALE, PRECISION)
+                                 BLOCK_R, BLOCK_C, BLOCK_DH, SCALE)
             tl.debug_barrier()  # the gradients just written are read by other threads below
         for start in range(0, OFF_W_O, BLOCK):
             offs = start + tl.arange(0, BLOCK)
@@ -128,7 +128,7 @@ def adamw_kernel(
 
 def adamw_args(layout: Layout, params: Tensor, grads: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, lr: Tensor,
                wd: Tensor, failed: Tensor, hyper: Tensor, ws: Workspace, betas: tuple[float, float], eps: float,
-               precision: str, with_table_grads: bool = True, block: int = 2048, block_r: int = 16,
+               with_table_grads: bool = True, block: int = 2048, block_r: int = 16,
                block_c: int = 16, arch: int = 90) -> tuple[tuple, dict]:
     """Grid and keyword arguments of adamw_kernel.
 
@@ -148,8 +148,8 @@ def adamw_args(layout: Layout, params: Tensor, grads: Tensor, exp_avg: Tensor, e
         NUM_RB=num_rb, BLOCK_RB=triton.next_power_of_2(num_rb),
         BETA1=betas[0], BETA2=betas[1], EPS=eps, WITH_TABLE_GRADS=with_table_grads,
         BLOCK=block, BLOCK_R=block_r, BLOCK_C=block_c,
-        BLOCK_DH=layout.block_dh, SCALE=layout.scale, PRECISION=precision,
-        **launch_options("adamw", precision, arch),
+        BLOCK_DH=layout.block_dh, SCALE=layout.scale,
+        **launch_options("adamw", "fp32", arch),
     )
 
 

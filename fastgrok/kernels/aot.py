@@ -31,12 +31,13 @@ from fastgrok.config import ModelConfig
 from fastgrok.kernels.adamw import adamw_args, adamw_kernel
 from fastgrok.kernels.examples import Tiles, examples_args, examples_kernel, scratch_floats
 from fastgrok.kernels.layout import Layout, Workspace
+from fastgrok.kernels.reduce import reduce_args, reduce_kernel
 from fastgrok.kernels.tables_backward import tables_backward_args, tables_backward_kernel
 from fastgrok.kernels.tables_forward import tables_forward_args, tables_forward_kernel
 
 # Largest shared memory a block may use (opt-in maximum), bytes.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-LAUNCHES_PER_STEP = 3
+LAUNCHES_PER_STEP = 4
 
 _TYPES = {torch.float32: "*fp32", torch.float64: "*fp64", torch.int64: "*i64", torch.int32: "*i32"}
 
@@ -125,36 +126,70 @@ def compile_kernel(fn, kwargs: dict, arch: int) -> tuple[object, Resources]:
 
 
 def step_launches(cfg: ModelConfig, precision: str, arch: int, **tiling) -> list[tuple[object, dict]]:
-    """(kernel, launch keyword arguments) of the three launches of one step at ``cfg``.
+    """(kernel, launch keyword arguments) of the four launches of one step at ``cfg``.
 
-    tiling: the example kernel's block_n, block_c, block_k (launcher defaults otherwise).
+    tiling: the example kernel's block_n, block_c, block_k, group_tiles (launcher defaults otherwise).
     """
     layout = Layout.from_config(cfg)
     M, N = 2, 64
     params = torch.zeros(M, layout.P)
-    ws = Workspace.allocate(layout, M, "cpu")
     data = torch.zeros(M, N, dtype=torch.int64)
-    block_n = tiling.get("block_n", 64)
-    tiles = Tiles.build(np.full(M, N), block_n, "cpu")
+    tiles = Tiles.build(np.full(M, N), data, data, layout.rows.n, tiling.get("block_n", 64),
+                        tiling.get("group_tiles", 8), "cpu")
+    ws = Workspace.allocate(layout, M, N, tiles.count, "cpu")
     lr = torch.zeros(M, dtype=torch.float64)
-    scratch = torch.zeros(2, scratch_floats(layout, block_n))
-    _, tf = tables_forward_args(layout, params, params, ws, precision, arch=arch)
-    _, ex = examples_args(layout, params, params, ws, scratch, data, data, data, torch.zeros(M, N), tiles,
-                          precision, arch=arch, **tiling)
+    scratch = torch.zeros(2, scratch_floats(layout, tiling.get("block_n", 64)))
+    _, tf = tables_forward_args(layout, params, ws, arch=arch)
+    _, ex = examples_args(layout, params, ws, scratch, data, data, data, torch.zeros(M, N), tiles, precision,
+                          arch=arch, **tiling)
+    _, rd = reduce_args(layout, params, ws, tiles, N, arch=arch)
     _, ad = adamw_args(layout, params, params, params, params, lr, lr, torch.zeros(M, dtype=torch.int32),
-                       torch.zeros(4, dtype=torch.float64), ws, (0.9, 0.98), 1e-8, precision, arch=arch)
-    return [(tables_forward_kernel, tf), (examples_kernel, ex), (adamw_kernel, ad)]
+                       torch.zeros(4, dtype=torch.float64), ws, (0.9, 0.98), 1e-8, arch=arch)
+    return [(tables_forward_kernel, tf), (examples_kernel, ex), (reduce_kernel, rd), (adamw_kernel, ad)]
 
 
 def step_resources(cfg: ModelConfig, arch: int, precision: str, **tiling) -> list[Resources]:
     """Resources of each launch of one training step, compiled for sm_<arch>."""
-    return [compile_kernel(fn, kwargs, arch)[1] for fn, kwargs in step_launches(cfg, precision, arch, **tiling)]
+    return [r for _, r in step_kernels(cfg, arch, precision, **tiling)]
 
 
-def tables_backward_resources(cfg: ModelConfig, arch: int, precision: str) -> Resources:
-    """Resources of the table backward launched alone (a loss and gradient without an update)."""
+def step_kernels(cfg: ModelConfig, arch: int, precision: str, **tiling) -> list[tuple[object, Resources]]:
+    """(compiled kernel, resources) of each launch of one training step, for sm_<arch>."""
+    return [compile_kernel(fn, kwargs, arch) for fn, kwargs in step_launches(cfg, precision, arch, **tiling)]
+
+
+def disassemble(compiled) -> str:
+    """The SASS of a compiled kernel (``nvdisasm``, the binary bundled with Triton)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        return subprocess.run([tool, "-c", f.name], check=True, capture_output=True, text=True).stdout
+
+
+def float_atomics(sass: str) -> list[str]:
+    """The floating-point RED/ATOM instructions of a disassembly: a sum whose order the
+    hardware picks (empty if none)."""
+    return [line.strip() for line in sass.splitlines()
+            if re.search(r"\b(RED|REDG|ATOM|ATOMG|ATOMS)\.[\w.]*\b(F16|BF16|F32|F64)(x\d+)?\b", line)]
+
+
+def nan_dropping_float_max_min(sass: str) -> list[str]:
+    """FMNMX instructions without .NAN: a float max/min that returns the other operand
+    when one is NaN (tl.maximum's default on a GPU; the CPU propagates NaN)."""
+    return [line.strip() for line in sass.splitlines() if re.search(r"\bFMNMX(\.\w+)*\b", line)
+            and ".NAN" not in line]
+
+
+def tables_backward_kernel_compiled(cfg: ModelConfig, arch: int) -> tuple[object, Resources]:
+    """The table backward launched alone (a loss and gradient without an update; fp32 whatever
+    the population's precision), compiled, and its resources."""
     layout = Layout.from_config(cfg)
     params = torch.zeros(2, layout.P)
-    _, kwargs = tables_backward_args(layout, params, params, Workspace.allocate(layout, 2, "cpu"), precision,
-                                     arch=arch)
-    return compile_kernel(tables_backward_kernel, kwargs, arch)[1]
+    _, kwargs = tables_backward_args(layout, params, params, Workspace.allocate(layout, 2, 1, 1, "cpu"), arch=arch)
+    return compile_kernel(tables_backward_kernel, kwargs, arch)
+
+
+def tables_backward_resources(cfg: ModelConfig, arch: int) -> Resources:
+    """Resources of the table backward launched alone (see tables_backward_kernel_compiled)."""
+    return tables_backward_kernel_compiled(cfg, arch)[1]

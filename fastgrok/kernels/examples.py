@@ -1,13 +1,15 @@
 """Launch 2 of the fused step: forward and backward of every training example.
 
-Tiles: a model with D_m examples owns cdiv(D_m, BLOCK_N) tiles of BLOCK_N
-example slots (a host-built list in model-major order), so ragged training
-sets waste at most one partial tile per model. The tail slots of that tile
-repeat the model's last example with weight 0: a real example of the same
-model, so padding never creates a non-finite value the model did not already
-have. Grid: a persistent one, ``programs`` programs (one per SM by default)
-that take tiles in turn; model-major order keeps the tiles running at the
-same time on few models, whose weights (0.9 MB at the paper config) stay in L2.
+Tiles and groups (``Tiles``): a model with D_m examples owns cdiv(D_m,
+BLOCK_N) tiles of BLOCK_N example slots, taken in groups of GROUP_TILES
+consecutive tiles (a host-built list in model-major order), so ragged
+training sets waste at most one partial tile per model. The tail slots of
+that tile repeat the model's last example with weight 0: a real example of the
+same model, so padding never creates a non-finite value the model did not
+already have. Grid: a persistent one, ``programs`` programs (one per SM by
+default) that take groups in turn and compute a group's tiles in order;
+model-major order keeps the groups running at the same time on few models,
+whose weights (0.9 MB at the paper config) stay in L2.
 
 Per example only the last position is computed (fastgrok.backends.torch_engine docstring);
 its four attention scores and values are gathered from launch 1's row tables:
@@ -34,15 +36,36 @@ and re-read by the next links; with one program per SM the scratch totals
 is what keeps the kernel within 255 registers: Triton holds a dot's operands
 in registers, and an activation as a whole (BLOCK_N, 512) operand would spill.
 
-Weight gradients of W_O, W_in, b_in, W_out, b_out, W_U and the row-table
-gradients dV, dS, dc are summed over tiles with fp32 atomics (relaxed; the
-summation order, hence the last bits, varies from run to run on a GPU), as are
-the model's loss and the checksum of every contribution. The gradients of
-W_E..W_V follow in launch 3 (fastgrok.kernels.tables_backward).
+Sums without atomics: the gradients of W_O, W_in, b_in, W_out, b_out, W_U,
+the last position's dc, the op and '=' rows' dV and dS, the loss and the
+checksum of every contribution are added tile by tile into the group's own
+row of ``Workspace.partial`` (plain loads and stores: one program owns the
+row); the x- and y-rows' dV and dS, rows that examples of a tile share, are
+left per example (dz and the coefficients a_x, a_y, ds_x, ds_y in
+``Workspace.dz``, ``co``). Launch 3 (fastgrok.kernels.reduce) sums both in a
+fixed order, so a run is bitwise repeatable and a model's result does not
+depend on its batch-mates. The gradients of W_E..W_V follow in launch 4
+(fastgrok.kernels.tables_backward).
 
-Limits: n_ctx = 4; dimensions are padded to powers of two and masked; exp,
-log and division use the GPU's fast fp32 instructions (a few ulp). The
-interpreter (TRITON_INTERPRET=1) ignores the dot precision and has no bf16.
+Matmul precision (PRECISION, fastgrok.precision): every product here is a
+per-example product with W_O, W_in, W_out or W_U, so every one takes its
+operands at the population's precision (fastgrok.kernels.layout.mma rounds
+them on the bit pattern); accumulation is fp32.
+
+Numerics on the GPU: exp is MUFU.EX2 after a multiply by log2(e) (PTX
+ex2.approx.ftz.f32: relative error about 2^-22, plus the rounding of the
+scaled argument, a few ulp for |x| up to ~20), log is MUFU.LG2 (lg2.approx:
+absolute error about 2^-22, which is why _log1p uses a series below 0.4), and
+division is the full-range approximate division (div.full.f32, MUFU.RCP and
+a correction: at most 2 ulp). The max of the softmax and of the
+cross-entropy and the relu propagate NaN (FMNMX.NAN, as torch.max and the CPU
+engine), so a NaN anywhere makes the loss NaN and the model is frozen; the
+slow test tests/kernels/test_resources.py checks the SASS for it. a * b + c is
+contracted to an FMA (fastgrok.kernels.layout.FP_FUSION).
+
+Limits: n_ctx = 4; dimensions are padded to powers of two and masked. The
+interpreter (TRITON_INTERPRET=1) ignores the dot's input precision and has no
+bf16, which the explicit operand rounding makes irrelevant.
 """
 from __future__ import annotations
 
@@ -97,6 +120,12 @@ def _log1p(x):
 
 
 @triton.jit
+def _max_nan(a, b):
+    """max(a, b), NaN if either is NaN (torch.max, the CPU engine); a GPU's plain FMNMX drops NaN."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _head_attention(S_tab, V_tab, row_x, row_y, h, lanes, mask_l, OP_ROW: tl.constexpr, EQ_ROW: tl.constexpr,
                     H: tl.constexpr, Dh: tl.constexpr):
     """Head h's softmax weights a_t (BLOCK_N,) and gathered values (BLOCK_N or 1, BLOCK_DH)."""
@@ -104,7 +133,7 @@ def _head_attention(S_tab, V_tab, row_x, row_y, h, lanes, mask_l, OP_ROW: tl.con
     s1 = tl.load(S_tab + OP_ROW * H + h)
     s2 = tl.load(S_tab + row_y * H + h)
     s3 = tl.load(S_tab + EQ_ROW * H + h)
-    top = tl.maximum(tl.maximum(s0, s1), tl.maximum(s2, s3))
+    top = _max_nan(_max_nan(s0, s1), _max_nan(s2, s3))
     a0 = tl.exp(s0 - top)
     a1 = tl.exp(s1 - top)
     a2 = tl.exp(s2 - top)
@@ -119,25 +148,33 @@ def _head_attention(S_tab, V_tab, row_x, row_y, h, lanes, mask_l, OP_ROW: tl.con
 
 
 @triton.jit
-def _tile_examples(tile, m, x_ptr, y_ptr, label_ptr, weight_ptr, stride_data, tile_start_ptr, train_size_ptr,
+def _tile_examples(start, m, x_ptr, y_ptr, label_ptr, weight_ptr, stride_data, size,
                    FIRST_Y_ROW: tl.constexpr, BLOCK_N: tl.constexpr):
-    """x-row, y-row, label, weight and validity of the tile's BLOCK_N example slots.
+    """Slots, x-row, y-row, label, weight and validity of the BLOCK_N example slots from ``start``.
 
-    Slots past the model's D_m examples repeat its last example with weight 0.
+    Slots past the model's ``size`` examples repeat its last example with weight 0.
     """
-    size = tl.load(train_size_ptr + m)
-    offs_n = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_N)
+    offs_n = start + tl.arange(0, BLOCK_N)
     mask_n = offs_n < size
     example = m * stride_data + tl.minimum(offs_n, size - 1)
     row_x = tl.load(x_ptr + example).to(tl.int32)
     row_y = tl.load(y_ptr + example).to(tl.int32) + FIRST_Y_ROW
     label = tl.load(label_ptr + example).to(tl.int32)
     w = tl.load(weight_ptr + example, mask=mask_n, other=0.0)
-    return row_x, row_y, label, w, mask_n
+    return m * stride_data + offs_n, row_x, row_y, label, w, mask_n
 
 
 @triton.jit
-def _weight_grad(checksum, g_ptr, a_ptr, b_ptr, I: tl.constexpr, J: tl.constexpr, chunk,
+def _add_into(ptr, value, mask, accumulate):
+    """*ptr = *ptr + value, or = value for the group's first tile: a sum only this program
+    writes, in tile order (no atomics). Every element of ``value`` is read and written by
+    the same threads; tiles are separated by a barrier."""
+    prev = tl.load(ptr, mask=mask & accumulate, other=0.0)
+    tl.store(ptr, tl.where(accumulate, prev + value, value), mask=mask)
+
+
+@triton.jit
+def _weight_grad(checksum, g_ptr, a_ptr, b_ptr, I: tl.constexpr, J: tl.constexpr, chunk, accumulate,
                  BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """g[I, J] += A^T B over the tile's examples, A (BLOCK_N, I) and B (BLOCK_N, J)
     row-major in scratch, in BLOCK_C x BLOCK_C chunks; returns the checksum plus their sum."""
@@ -149,24 +186,26 @@ def _weight_grad(checksum, g_ptr, a_ptr, b_ptr, I: tl.constexpr, J: tl.constexpr
             mask_j = offs_j < J
             acc = gemm(tl.zeros((BLOCK_C, BLOCK_C), tl.float32), a_ptr, 1, I, offs_i, mask_i,
                        b_ptr, J, 1, offs_j, mask_j, BLOCK_N, BLOCK_K, PRECISION)
-            tl.atomic_add(g_ptr + offs_i[:, None] * J + offs_j[None, :], acc,
-                          mask=mask_i[:, None] & mask_j[None, :], sem="relaxed")
+            _add_into(g_ptr + offs_i[:, None] * J + offs_j[None, :], acc, mask_i[:, None] & mask_j[None, :],
+                      accumulate)
             checksum += tl.sum(tl.sum(acc, axis=1), axis=0)
     return checksum
 
 
 @triton.jit
 def examples_kernel(
-    params_ptr, grads_ptr, V_ptr, S_ptr, dV_ptr, dS_ptr, dc_ptr, loss_ptr, check_ptr, scratch_ptr,
-    x_ptr, y_ptr, label_ptr, weight_ptr, stride_data, tile_model_ptr, tile_start_ptr, train_size_ptr, n_tiles,
+    params_ptr, V_ptr, S_ptr, dz_ptr, co_ptr, partial_ptr, scratch_ptr,
+    x_ptr, y_ptr, label_ptr, weight_ptr, stride_data, group_model_ptr, group_start_ptr, train_size_ptr, n_groups,
     D: tl.constexpr, H: tl.constexpr, Dh: tl.constexpr, F: tl.constexpr, V: tl.constexpr,
     R: tl.constexpr, OP_ROW: tl.constexpr, FIRST_Y_ROW: tl.constexpr, EQ_ROW: tl.constexpr,
     EQ_TOKEN: tl.constexpr, EQ_POS: tl.constexpr,
     OFF_W_E: tl.constexpr, OFF_W_pos: tl.constexpr, OFF_W_Q: tl.constexpr, OFF_W_K: tl.constexpr,
     OFF_W_V: tl.constexpr, OFF_W_O: tl.constexpr, OFF_W_in: tl.constexpr, OFF_b_in: tl.constexpr,
     OFF_W_out: tl.constexpr, OFF_b_out: tl.constexpr, OFF_W_U: tl.constexpr, P: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DH: tl.constexpr,
-    PRECISION: tl.constexpr,
+    TAIL_DC: tl.constexpr, TAIL_DV_OP: tl.constexpr, TAIL_DV_EQ: tl.constexpr, TAIL_DS_OP: tl.constexpr,
+    TAIL_DS_EQ: tl.constexpr, TAIL_LOSS: tl.constexpr, TAIL_CHECK: tl.constexpr, PARTIAL: tl.constexpr,
+    GROUP_TILES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_DH: tl.constexpr, PRECISION: tl.constexpr,
 ):
     HD: tl.constexpr = H * Dh
     # This program's scratch: (BLOCK_N, .) activations of its current tile.
@@ -184,197 +223,228 @@ def examples_kernel(
     lanes = tl.arange(0, BLOCK_DH)
     mask_l = lanes < Dh
 
-    for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), disable_licm=True):
-        # Per-example vectors are loaded again where they are used rather than
-        # kept live through the whole tile (registers are the scarce resource).
-        m = tl.load(tile_model_ptr + tile).to(tl.int64)
+    for group in tl.range(tl.program_id(0), n_groups, tl.num_programs(0), disable_licm=True):
+        m = tl.load(group_model_ptr + group).to(tl.int64)
+        size = tl.load(train_size_ptr + m)
         p = params_ptr + m * P
-        g = grads_ptr + m * P
         S_tab = S_ptr + m * (R * H)
         V_tab = V_ptr + m * (R * HD)
-        checksum = tl.zeros((), tl.float32)
+        # The group's sums: W_O..W_U gradients at their flat offsets minus OFF_W_O, then the tail.
+        part = partial_ptr + tl.cast(group, tl.int64) * PARTIAL
+        g = part - OFF_W_O
+        for t in range(0, GROUP_TILES):
+            start = tl.load(group_start_ptr + group) + t * BLOCK_N
+            if start < size:
+                accumulate = t > 0
+                _tile(start, m, size, p, g, part, S_tab, V_tab, dz_ptr, co_ptr, scratch, accumulate,
+                      x_ptr, y_ptr, label_ptr, weight_ptr, stride_data, rows, all_rows, chunk, lanes, mask_l,
+                      D, H, Dh, F, V, OP_ROW, FIRST_Y_ROW, EQ_ROW, EQ_TOKEN, EQ_POS,
+                      OFF_W_E, OFF_W_pos, OFF_W_O, OFF_W_in, OFF_b_in, OFF_W_out, OFF_b_out, OFF_W_U,
+                      TAIL_DC, TAIL_DV_OP, TAIL_DV_EQ, TAIL_DS_OP, TAIL_DS_EQ, TAIL_LOSS, TAIL_CHECK,
+                      Z, RM, HID, RF, DL, DRM, BLOCK_N, BLOCK_C, BLOCK_K, BLOCK_DH, PRECISION)
+            # The next tile overwrites the scratch and adds into the sums this one's
+            # threads may still read.
+            tl.debug_barrier()
 
-        # z = sum_t a_t V_tab[row_t], a = softmax over the 4 positions, per head.
-        row_x, row_y, _, _, _ = _tile_examples(tile, m, x_ptr, y_ptr, label_ptr, weight_ptr, stride_data,
-                                               tile_start_ptr, train_size_ptr, FIRST_Y_ROW, BLOCK_N)
-        for h in range(H):
-            a0, a1, a2, a3, Vx, V_op, Vy, V_eq = _head_attention(S_tab, V_tab, row_x, row_y, h, lanes, mask_l,
-                                                                 OP_ROW, EQ_ROW, H, Dh)
-            z = a0[:, None] * Vx + a1[:, None] * V_op + a2[:, None] * Vy + a3[:, None] * V_eq
-            tl.store(scratch + Z + rows[:, None] * HD + (h * Dh + lanes)[None, :], z, mask=mask_l[None, :])
-        tl.debug_barrier()
 
-        # resid_mid = c + z W_O (W_O as an (H*Dh, D) matrix).
-        for j0 in range(0, D, BLOCK_C):
-            offs_j = j0 + chunk
-            mask_j = offs_j < D
-            c = (tl.load(p + OFF_W_E + EQ_TOKEN * D + offs_j, mask=mask_j, other=0.0)
-                 + tl.load(p + OFF_W_pos + EQ_POS * D + offs_j, mask=mask_j, other=0.0))
-            acc = gemm(tl.zeros((BLOCK_N, BLOCK_C), tl.float32) + c[None, :], scratch + Z, HD, 1, rows, all_rows,
-                       p + OFF_W_O, D, 1, offs_j, mask_j, HD, BLOCK_K, PRECISION)
-            tl.store(scratch + RM + rows[:, None] * D + offs_j[None, :], acc, mask=mask_j[None, :])
-        tl.debug_barrier()
+@triton.jit
+def _tile(start, m, size, p, g, part, S_tab, V_tab, dz_ptr, co_ptr, scratch, accumulate,
+          x_ptr, y_ptr, label_ptr, weight_ptr, stride_data, rows, all_rows, chunk, lanes, mask_l,
+          D: tl.constexpr, H: tl.constexpr, Dh: tl.constexpr, F: tl.constexpr, V: tl.constexpr,
+          OP_ROW: tl.constexpr, FIRST_Y_ROW: tl.constexpr, EQ_ROW: tl.constexpr, EQ_TOKEN: tl.constexpr,
+          EQ_POS: tl.constexpr, OFF_W_E: tl.constexpr, OFF_W_pos: tl.constexpr, OFF_W_O: tl.constexpr,
+          OFF_W_in: tl.constexpr, OFF_b_in: tl.constexpr, OFF_W_out: tl.constexpr, OFF_b_out: tl.constexpr,
+          OFF_W_U: tl.constexpr, TAIL_DC: tl.constexpr, TAIL_DV_OP: tl.constexpr, TAIL_DV_EQ: tl.constexpr,
+          TAIL_DS_OP: tl.constexpr, TAIL_DS_EQ: tl.constexpr, TAIL_LOSS: tl.constexpr, TAIL_CHECK: tl.constexpr,
+          Z: tl.constexpr, RM: tl.constexpr, HID: tl.constexpr, RF: tl.constexpr, DL: tl.constexpr,
+          DRM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+          BLOCK_DH: tl.constexpr, PRECISION: tl.constexpr):
+    """Forward and backward of one tile of BLOCK_N example slots from ``start`` of model m,
+    its sums added into the group's ``partial`` row (``g``: that row minus OFF_W_O)."""
+    HD: tl.constexpr = H * Dh
+    checksum = tl.zeros((), tl.float32)
+    # Per-example vectors are loaded again where they are used rather than
+    # kept live through the whole tile (registers are the scarce resource).
 
-        # hidden = relu(resid_mid W_in + b_in); a NaN stays NaN, as in torch.relu.
-        for f0 in range(0, F, BLOCK_C):
-            offs_f = f0 + chunk
-            mask_f = offs_f < F
-            b_in = tl.load(p + OFF_b_in + offs_f, mask=mask_f, other=0.0)
-            acc = gemm(tl.zeros((BLOCK_N, BLOCK_C), tl.float32) + b_in[None, :], scratch + RM, D, 1, rows,
-                       all_rows, p + OFF_W_in, F, 1, offs_f, mask_f, D, BLOCK_K, PRECISION)
-            hidden = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
-            tl.store(scratch + HID + rows[:, None] * F + offs_f[None, :], hidden, mask=mask_f[None, :])
-        tl.debug_barrier()
+    # z = sum_t a_t V_tab[row_t], a = softmax over the 4 positions, per head.
+    _, row_x, row_y, _, _, _ = _tile_examples(start, m, x_ptr, y_ptr, label_ptr, weight_ptr, stride_data, size,
+                                              FIRST_Y_ROW, BLOCK_N)
+    for h in range(H):
+        a0, a1, a2, a3, Vx, V_op, Vy, V_eq = _head_attention(S_tab, V_tab, row_x, row_y, h, lanes, mask_l,
+                                                             OP_ROW, EQ_ROW, H, Dh)
+        z = a0[:, None] * Vx + a1[:, None] * V_op + a2[:, None] * Vy + a3[:, None] * V_eq
+        tl.store(scratch + Z + rows[:, None] * HD + (h * Dh + lanes)[None, :], z, mask=mask_l[None, :])
+    tl.debug_barrier()
 
-        # resid_fin = resid_mid + b_out + hidden W_out
-        for j0 in range(0, D, BLOCK_C):
-            offs_j = j0 + chunk
-            mask_j = offs_j < D
-            acc = (tl.load(scratch + RM + rows[:, None] * D + offs_j[None, :], mask=mask_j[None, :], other=0.0)
-                   + tl.load(p + OFF_b_out + offs_j, mask=mask_j, other=0.0)[None, :])
-            acc = gemm(acc, scratch + HID, F, 1, rows, all_rows, p + OFF_W_out, D, 1, offs_j, mask_j, F, BLOCK_K,
-                       PRECISION)
-            tl.store(scratch + RF + rows[:, None] * D + offs_j[None, :], acc, mask=mask_j[None, :])
-        tl.debug_barrier()
+    # resid_mid = c + z W_O (W_O as an (H*Dh, D) matrix).
+    for j0 in range(0, D, BLOCK_C):
+        offs_j = j0 + chunk
+        mask_j = offs_j < D
+        c = (tl.load(p + OFF_W_E + EQ_TOKEN * D + offs_j, mask=mask_j, other=0.0)
+             + tl.load(p + OFF_W_pos + EQ_POS * D + offs_j, mask=mask_j, other=0.0))
+        acc = gemm(tl.zeros((BLOCK_N, BLOCK_C), tl.float32) + c[None, :], scratch + Z, HD, 1, rows, all_rows,
+                   p + OFF_W_O, D, 1, offs_j, mask_j, HD, BLOCK_K, PRECISION)
+        tl.store(scratch + RM + rows[:, None] * D + offs_j[None, :], acc, mask=mask_j[None, :])
+    tl.debug_barrier()
 
-        # Cross-entropy, BLOCK_C logits at a time. The first pass keeps the running
-        # max, the label's logit and the wrong-class mass rescaled to the max, so
-        # the loss is fastgrok.model.stable_cross_entropy_fwd_bwd's.
-        _, _, label, w, _ = _tile_examples(tile, m, x_ptr, y_ptr, label_ptr, weight_ptr, stride_data,
-                                           tile_start_ptr, train_size_ptr, FIRST_Y_ROW, BLOCK_N)
-        top = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-        other = tl.zeros((BLOCK_N,), tl.float32)
-        z_label = tl.zeros((BLOCK_N,), tl.float32)
-        for v0 in range(0, V, BLOCK_C):
-            offs_v = v0 + chunk
-            mask_v = offs_v < V
-            logits = gemm(tl.zeros((BLOCK_N, BLOCK_C), tl.float32), scratch + RF, D, 1, rows, all_rows,
-                          p + OFF_W_U, V, 1, offs_v, mask_v, D, BLOCK_K, PRECISION)
-            logits = tl.where(mask_v[None, :], logits, float("-inf"))
-            is_label = offs_v[None, :] == label[:, None]
-            z_label += tl.sum(tl.where(is_label, logits, 0.0), axis=1)
-            new_top = tl.maximum(top, tl.max(logits, axis=1))
-            wrong = tl.where(is_label, 0.0, tl.exp(logits - new_top[:, None]))
-            other = other * tl.exp(top - new_top) + tl.sum(wrong, axis=1)
-            top = new_top
-        z_y = z_label - top
-        total = other + tl.exp(z_y)
-        loss = tl.where(z_y == 0.0, _log1p(other), tl.log(total) - z_y)
-        tl.atomic_add(loss_ptr + m, tl.sum(loss * w, axis=0), sem="relaxed")
+    # hidden = relu(resid_mid W_in + b_in); a NaN stays NaN, as in torch.relu.
+    for f0 in range(0, F, BLOCK_C):
+        offs_f = f0 + chunk
+        mask_f = offs_f < F
+        b_in = tl.load(p + OFF_b_in + offs_f, mask=mask_f, other=0.0)
+        acc = gemm(tl.zeros((BLOCK_N, BLOCK_C), tl.float32) + b_in[None, :], scratch + RM, D, 1, rows,
+                   all_rows, p + OFF_W_in, F, 1, offs_f, mask_f, D, BLOCK_K, PRECISION)
+        hidden = _max_nan(acc, 0.0)
+        tl.store(scratch + HID + rows[:, None] * F + offs_f[None, :], hidden, mask=mask_f[None, :])
+    tl.debug_barrier()
 
-        # Second pass: dlogits (logits recomputed), weighted by 1/D_m; the
-        # label's gradient is -(sum of the others).
-        dlabel = -other / total * w
-        for v0 in range(0, V, BLOCK_C):
-            offs_v = v0 + chunk
-            mask_v = offs_v < V
-            logits = gemm(tl.zeros((BLOCK_N, BLOCK_C), tl.float32), scratch + RF, D, 1, rows, all_rows,
-                          p + OFF_W_U, V, 1, offs_v, mask_v, D, BLOCK_K, PRECISION)
-            prob = tl.exp(logits - top[:, None]) / total[:, None] * w[:, None]
-            is_label = offs_v[None, :] == label[:, None]
-            tl.store(scratch + DL + rows[:, None] * V + offs_v[None, :], tl.where(is_label, dlabel[:, None], prob),
-                     mask=mask_v[None, :])
-        tl.debug_barrier()
+    # resid_fin = resid_mid + b_out + hidden W_out
+    for j0 in range(0, D, BLOCK_C):
+        offs_j = j0 + chunk
+        mask_j = offs_j < D
+        acc = (tl.load(scratch + RM + rows[:, None] * D + offs_j[None, :], mask=mask_j[None, :], other=0.0)
+               + tl.load(p + OFF_b_out + offs_j, mask=mask_j, other=0.0)[None, :])
+        acc = gemm(acc, scratch + HID, F, 1, rows, all_rows, p + OFF_W_out, D, 1, offs_j, mask_j, F, BLOCK_K,
+                   PRECISION)
+        tl.store(scratch + RF + rows[:, None] * D + offs_j[None, :], acc, mask=mask_j[None, :])
+    tl.debug_barrier()
 
-        # dW_U = resid_fin^T dlogits, summed over the tile's examples.
-        checksum = _weight_grad(checksum, g + OFF_W_U, scratch + RF, scratch + DL, D, V, chunk,
-                                BLOCK_C, BLOCK_N, BLOCK_K, PRECISION)
-        tl.debug_barrier()
+    # Cross-entropy, BLOCK_C logits at a time. The first pass keeps the running
+    # max, the label's logit and the wrong-class mass rescaled to the max, so
+    # the loss is fastgrok.model.stable_cross_entropy_fwd_bwd's.
+    _, _, _, label, w, _ = _tile_examples(start, m, x_ptr, y_ptr, label_ptr, weight_ptr, stride_data, size,
+                                          FIRST_Y_ROW, BLOCK_N)
+    top = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    other = tl.zeros((BLOCK_N,), tl.float32)
+    z_label = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(0, V, BLOCK_C):
+        offs_v = v0 + chunk
+        mask_v = offs_v < V
+        logits = gemm(tl.zeros((BLOCK_N, BLOCK_C), tl.float32), scratch + RF, D, 1, rows, all_rows,
+                      p + OFF_W_U, V, 1, offs_v, mask_v, D, BLOCK_K, PRECISION)
+        logits = tl.where(mask_v[None, :], logits, float("-inf"))
+        is_label = offs_v[None, :] == label[:, None]
+        z_label += tl.sum(tl.where(is_label, logits, 0.0), axis=1)
+        new_top = _max_nan(top, tl.reduce(logits, 1, _max_nan))
+        wrong = tl.where(is_label, 0.0, tl.exp(logits - new_top[:, None]))
+        other = other * tl.exp(top - new_top) + tl.sum(wrong, axis=1)
+        top = new_top
+    z_y = z_label - top
+    total = other + tl.exp(z_y)
+    loss = tl.where(z_y == 0.0, _log1p(other), tl.log(total) - z_y)
+    _add_into(part + TAIL_LOSS, tl.sum(loss * w, axis=0), True, accumulate)
 
-        # dresid = dlogits W_U^T, over resid_fin's scratch; its sum is db_out.
-        for j0 in range(0, D, BLOCK_C):
-            offs_j = j0 + chunk
-            mask_j = offs_j < D
-            acc = gemm(tl.zeros((BLOCK_N, BLOCK_C), tl.float32), scratch + DL, V, 1, rows, all_rows,
-                       p + OFF_W_U, 1, V, offs_j, mask_j, V, BLOCK_K, PRECISION)
-            tl.store(scratch + RF + rows[:, None] * D + offs_j[None, :], acc, mask=mask_j[None, :])
-            db_out = tl.sum(acc, axis=0)
-            tl.atomic_add(g + OFF_b_out + offs_j, db_out, mask=mask_j, sem="relaxed")
-            checksum += tl.sum(db_out, axis=0)
-        tl.debug_barrier()
+    # Second pass: dlogits (logits recomputed), weighted by 1/D_m; the
+    # label's gradient is -(sum of the others).
+    dlabel = -other / total * w
+    for v0 in range(0, V, BLOCK_C):
+        offs_v = v0 + chunk
+        mask_v = offs_v < V
+        logits = gemm(tl.zeros((BLOCK_N, BLOCK_C), tl.float32), scratch + RF, D, 1, rows, all_rows,
+                      p + OFF_W_U, V, 1, offs_v, mask_v, D, BLOCK_K, PRECISION)
+        prob = tl.exp(logits - top[:, None]) / total[:, None] * w[:, None]
+        is_label = offs_v[None, :] == label[:, None]
+        tl.store(scratch + DL + rows[:, None] * V + offs_v[None, :], tl.where(is_label, dlabel[:, None], prob),
+                 mask=mask_v[None, :])
+    tl.debug_barrier()
 
-        # dW_out = hidden^T dresid
-        checksum = _weight_grad(checksum, g + OFF_W_out, scratch + HID, scratch + RF, F, D, chunk,
-                                BLOCK_C, BLOCK_N, BLOCK_K, PRECISION)
-        tl.debug_barrier()
+    # dW_U = resid_fin^T dlogits, summed over the tile's examples.
+    checksum = _weight_grad(checksum, g + OFF_W_U, scratch + RF, scratch + DL, D, V, chunk, accumulate,
+                            BLOCK_C, BLOCK_N, BLOCK_K, PRECISION)
+    tl.debug_barrier()
 
-        # dpre = (dresid W_out^T) where hidden > 0, over hidden's scratch; db_in.
-        for f0 in range(0, F, BLOCK_C):
-            offs_f = f0 + chunk
-            mask_f = offs_f < F
-            acc = gemm(tl.zeros((BLOCK_N, BLOCK_C), tl.float32), scratch + RF, D, 1, rows, all_rows,
-                       p + OFF_W_out, 1, D, offs_f, mask_f, D, BLOCK_K, PRECISION)
-            hid_offs = scratch + HID + rows[:, None] * F + offs_f[None, :]
-            dpre = tl.where(tl.load(hid_offs, mask=mask_f[None, :], other=0.0) > 0.0, acc, 0.0)
-            tl.debug_barrier()  # every thread has read this chunk of hidden before it is overwritten
-            tl.store(hid_offs, dpre, mask=mask_f[None, :])
-            db_in = tl.sum(dpre, axis=0)
-            tl.atomic_add(g + OFF_b_in + offs_f, db_in, mask=mask_f, sem="relaxed")
-            checksum += tl.sum(db_in, axis=0)
-        tl.debug_barrier()
+    # dresid = dlogits W_U^T, over resid_fin's scratch; its sum is db_out.
+    for j0 in range(0, D, BLOCK_C):
+        offs_j = j0 + chunk
+        mask_j = offs_j < D
+        acc = gemm(tl.zeros((BLOCK_N, BLOCK_C), tl.float32), scratch + DL, V, 1, rows, all_rows,
+                   p + OFF_W_U, 1, V, offs_j, mask_j, V, BLOCK_K, PRECISION)
+        tl.store(scratch + RF + rows[:, None] * D + offs_j[None, :], acc, mask=mask_j[None, :])
+        db_out = tl.sum(acc, axis=0)
+        _add_into(g + OFF_b_out + offs_j, db_out, mask_j, accumulate)
+        checksum += tl.sum(db_out, axis=0)
+    tl.debug_barrier()
 
-        # dW_in = resid_mid^T dpre
-        checksum = _weight_grad(checksum, g + OFF_W_in, scratch + RM, scratch + HID, D, F, chunk,
-                                BLOCK_C, BLOCK_N, BLOCK_K, PRECISION)
+    # dW_out = hidden^T dresid
+    checksum = _weight_grad(checksum, g + OFF_W_out, scratch + HID, scratch + RF, F, D, chunk, accumulate,
+                            BLOCK_C, BLOCK_N, BLOCK_K, PRECISION)
+    tl.debug_barrier()
 
-        # d resid_mid = dresid + dpre W_in^T; its sum is the last position's dc.
-        for j0 in range(0, D, BLOCK_C):
-            offs_j = j0 + chunk
-            mask_j = offs_j < D
-            acc = tl.load(scratch + RF + rows[:, None] * D + offs_j[None, :], mask=mask_j[None, :], other=0.0)
-            acc = gemm(acc, scratch + HID, F, 1, rows, all_rows, p + OFF_W_in, 1, F, offs_j, mask_j, F, BLOCK_K,
-                       PRECISION)
-            tl.store(scratch + DRM + rows[:, None] * D + offs_j[None, :], acc, mask=mask_j[None, :])
-            dc = tl.sum(acc, axis=0)
-            tl.atomic_add(dc_ptr + m * D + offs_j, dc, mask=mask_j, sem="relaxed")
-            checksum += tl.sum(dc, axis=0)
-        tl.debug_barrier()
+    # dpre = (dresid W_out^T) where hidden > 0, over hidden's scratch; db_in.
+    for f0 in range(0, F, BLOCK_C):
+        offs_f = f0 + chunk
+        mask_f = offs_f < F
+        acc = gemm(tl.zeros((BLOCK_N, BLOCK_C), tl.float32), scratch + RF, D, 1, rows, all_rows,
+                   p + OFF_W_out, 1, D, offs_f, mask_f, D, BLOCK_K, PRECISION)
+        hid_offs = scratch + HID + rows[:, None] * F + offs_f[None, :]
+        dpre = tl.where(tl.load(hid_offs, mask=mask_f[None, :], other=0.0) > 0.0, acc, 0.0)
+        tl.debug_barrier()  # every thread has read this chunk of hidden before it is overwritten
+        tl.store(hid_offs, dpre, mask=mask_f[None, :])
+        db_in = tl.sum(dpre, axis=0)
+        _add_into(g + OFF_b_in + offs_f, db_in, mask_f, accumulate)
+        checksum += tl.sum(db_in, axis=0)
+    tl.debug_barrier()
 
-        # dW_O = z^T d resid_mid
-        checksum = _weight_grad(checksum, g + OFF_W_O, scratch + Z, scratch + DRM, HD, D, chunk,
-                                BLOCK_C, BLOCK_N, BLOCK_K, PRECISION)
+    # dW_in = resid_mid^T dpre
+    checksum = _weight_grad(checksum, g + OFF_W_in, scratch + RM, scratch + HID, D, F, chunk, accumulate,
+                            BLOCK_C, BLOCK_N, BLOCK_K, PRECISION)
 
-        # Per head: dz = d resid_mid W_O[h]^T, the softmax backward over the four
-        # positions, and the gradients onto the rows: x and y rows per example,
-        # the op and '=' rows summed over the tile.
-        dV_tab = dV_ptr + m * (R * HD)
-        dS_tab = dS_ptr + m * (R * H)
-        row_x, row_y, _, _, mask_n = _tile_examples(tile, m, x_ptr, y_ptr, label_ptr, weight_ptr, stride_data,
-                                                    tile_start_ptr, train_size_ptr, FIRST_Y_ROW, BLOCK_N)
-        mask_nl = mask_n[:, None] & mask_l[None, :]
-        for h in range(H):
-            dz = gemm(tl.zeros((BLOCK_N, BLOCK_DH), tl.float32), scratch + DRM, D, 1, rows, all_rows,
-                      p + OFF_W_O + h * Dh * D, 1, D, lanes, mask_l, D, BLOCK_K, PRECISION)
-            a0, a1, a2, a3, Vx, V_op, Vy, V_eq = _head_attention(S_tab, V_tab, row_x, row_y, h, lanes, mask_l,
-                                                                 OP_ROW, EQ_ROW, H, Dh)
-            da0 = tl.sum(dz * Vx, axis=1)
-            da1 = tl.sum(dz * V_op, axis=1)
-            da2 = tl.sum(dz * Vy, axis=1)
-            da3 = tl.sum(dz * V_eq, axis=1)
-            mean_da = a0 * da0 + a1 * da1 + a2 * da2 + a3 * da3
-            cols = h * Dh + lanes
-            dVx = tl.where(mask_nl, a0[:, None] * dz, 0.0)
-            dVy = tl.where(mask_nl, a2[:, None] * dz, 0.0)
-            dV_op = tl.sum(a1[:, None] * dz, axis=0)
-            dV_eq = tl.sum(a3[:, None] * dz, axis=0)
-            tl.atomic_add(dV_tab + row_x[:, None] * HD + cols[None, :], dVx, mask=mask_nl, sem="relaxed")
-            tl.atomic_add(dV_tab + row_y[:, None] * HD + cols[None, :], dVy, mask=mask_nl, sem="relaxed")
-            tl.atomic_add(dV_tab + OP_ROW * HD + cols, dV_op, mask=mask_l, sem="relaxed")
-            tl.atomic_add(dV_tab + EQ_ROW * HD + cols, dV_eq, mask=mask_l, sem="relaxed")
-            ds_x = tl.where(mask_n, a0 * (da0 - mean_da), 0.0)
-            ds_y = tl.where(mask_n, a2 * (da2 - mean_da), 0.0)
-            ds_op = tl.sum(a1 * (da1 - mean_da), axis=0)
-            ds_eq = tl.sum(a3 * (da3 - mean_da), axis=0)
-            tl.atomic_add(dS_tab + row_x * H + h, ds_x, mask=mask_n, sem="relaxed")
-            tl.atomic_add(dS_tab + row_y * H + h, ds_y, mask=mask_n, sem="relaxed")
-            tl.atomic_add(dS_tab + OP_ROW * H + h, ds_op, sem="relaxed")
-            tl.atomic_add(dS_tab + EQ_ROW * H + h, ds_eq, sem="relaxed")
-            checksum += (tl.sum(tl.sum(dVx + dVy, axis=1), axis=0) + tl.sum(dV_op + dV_eq, axis=0)
-                         + tl.sum(ds_x + ds_y, axis=0) + ds_op + ds_eq)
+    # d resid_mid = dresid + dpre W_in^T; its sum is the last position's dc.
+    for j0 in range(0, D, BLOCK_C):
+        offs_j = j0 + chunk
+        mask_j = offs_j < D
+        acc = tl.load(scratch + RF + rows[:, None] * D + offs_j[None, :], mask=mask_j[None, :], other=0.0)
+        acc = gemm(acc, scratch + HID, F, 1, rows, all_rows, p + OFF_W_in, 1, F, offs_j, mask_j, F, BLOCK_K,
+                   PRECISION)
+        tl.store(scratch + DRM + rows[:, None] * D + offs_j[None, :], acc, mask=mask_j[None, :])
+        dc = tl.sum(acc, axis=0)
+        _add_into(part + TAIL_DC + offs_j, dc, mask_j, accumulate)
+        checksum += tl.sum(dc, axis=0)
+    tl.debug_barrier()
 
-        tl.atomic_add(check_ptr + m, checksum, sem="relaxed")
-        # The next tile overwrites the scratch this one's threads may still read.
-        tl.debug_barrier()
+    # dW_O = z^T d resid_mid
+    checksum = _weight_grad(checksum, g + OFF_W_O, scratch + Z, scratch + DRM, HD, D, chunk, accumulate,
+                            BLOCK_C, BLOCK_N, BLOCK_K, PRECISION)
+
+    # Per head: dz = d resid_mid W_O[h]^T and the softmax backward over the four
+    # positions. The op and '=' rows' gradients are summed over the tile; those
+    # of the x and y rows (rows shared by examples of the tile) are left per
+    # example in dz and co, for launch 3 to sum row by row in a fixed order.
+    ex, row_x, row_y, _, _, mask_n = _tile_examples(start, m, x_ptr, y_ptr, label_ptr, weight_ptr, stride_data,
+                                                    size, FIRST_Y_ROW, BLOCK_N)
+    mask_nl = mask_n[:, None] & mask_l[None, :]
+    for h in range(H):
+        dz = gemm(tl.zeros((BLOCK_N, BLOCK_DH), tl.float32), scratch + DRM, D, 1, rows, all_rows,
+                  p + OFF_W_O + h * Dh * D, 1, D, lanes, mask_l, D, BLOCK_K, PRECISION)
+        a0, a1, a2, a3, Vx, V_op, Vy, V_eq = _head_attention(S_tab, V_tab, row_x, row_y, h, lanes, mask_l,
+                                                             OP_ROW, EQ_ROW, H, Dh)
+        da0 = tl.sum(dz * Vx, axis=1)
+        da1 = tl.sum(dz * V_op, axis=1)
+        da2 = tl.sum(dz * Vy, axis=1)
+        da3 = tl.sum(dz * V_eq, axis=1)
+        mean_da = a0 * da0 + a1 * da1 + a2 * da2 + a3 * da3
+        dz = tl.where(mask_nl, dz, 0.0)
+        ds_x = tl.where(mask_n, a0 * (da0 - mean_da), 0.0)
+        ds_y = tl.where(mask_n, a2 * (da2 - mean_da), 0.0)
+        a0 = tl.where(mask_n, a0, 0.0)
+        a2 = tl.where(mask_n, a2, 0.0)
+        tl.store(dz_ptr + ex[:, None] * HD + (h * Dh + lanes)[None, :], dz, mask=mask_nl)
+        tl.store(co_ptr + ex * (4 * H) + h, a0, mask=mask_n)
+        tl.store(co_ptr + ex * (4 * H) + H + h, a2, mask=mask_n)
+        tl.store(co_ptr + ex * (4 * H) + 2 * H + h, ds_x, mask=mask_n)
+        tl.store(co_ptr + ex * (4 * H) + 3 * H + h, ds_y, mask=mask_n)
+        dV_op = tl.sum(a1[:, None] * dz, axis=0)
+        dV_eq = tl.sum(a3[:, None] * dz, axis=0)
+        _add_into(part + TAIL_DV_OP + h * Dh + lanes, dV_op, mask_l, accumulate)
+        _add_into(part + TAIL_DV_EQ + h * Dh + lanes, dV_eq, mask_l, accumulate)
+        ds_op = tl.sum(tl.where(mask_n, a1 * (da1 - mean_da), 0.0), axis=0)
+        ds_eq = tl.sum(tl.where(mask_n, a3 * (da3 - mean_da), 0.0), axis=0)
+        _add_into(part + TAIL_DS_OP + h, ds_op, True, accumulate)
+        _add_into(part + TAIL_DS_EQ + h, ds_eq, True, accumulate)
+        checksum += (tl.sum(tl.sum(dz, axis=1) + a0 + a2 + ds_x + ds_y, axis=0) + tl.sum(dV_op + dV_eq, axis=0)
+                     + ds_op + ds_eq)
+
+    _add_into(part + TAIL_CHECK, checksum, True, accumulate)
 
 
 def scratch_floats(layout: Layout, block_n: int) -> int:
@@ -385,43 +455,83 @@ def scratch_floats(layout: Layout, block_n: int) -> int:
 
 @dataclass
 class Tiles:
-    """The example tiles of a population, model-major (int32 device tensors).
+    """The example tiles of a population in groups, and its examples by row (int32 device tensors).
 
-    model, start: (n_tiles,) the model and first example of each tile;
-    train_size: (M,) real examples per model.
+    A model with D_m examples owns cdiv(D_m, block_n) tiles of block_n slots,
+    taken in groups of up to ``group_tiles`` consecutive tiles: one program of
+    launch 2 computes a group's tiles in order and alone owns the group's row
+    of ``Workspace.partial``, so every sum has a fixed order and depends on the
+    model's own training set only (not on its batch-mates, the grid or the GPU's
+    scheduling).
+
+    group_model, group_start: (groups,) the model and first example of each
+    group, model-major; group_first: (M + 1,) each model's first group;
+    train_size: (M,) real examples per model. order_x, order_y: (M, N) each
+    model's examples sorted by x (by y), stable; start_x, start_y: (M, n + 1)
+    where element e's examples begin in them. max_groups and max_row_count (the
+    most groups of a model, the most examples of one element) bound launch 3's
+    loops.
     """
 
-    model: Tensor
-    start: Tensor
+    group_model: Tensor
+    group_start: Tensor
+    group_first: Tensor
     train_size: Tensor
+    order_x: Tensor
+    start_x: Tensor
+    order_y: Tensor
+    start_y: Tensor
+    max_groups: int
+    max_row_count: int
 
     @classmethod
-    def build(cls, train_size: np.ndarray, block_n: int, device) -> "Tiles":
+    def build(cls, train_size: np.ndarray, x: Tensor, y: Tensor, n: int, block_n: int, group_tiles: int,
+              device) -> "Tiles":
+        """x, y: (M, N) the examples' operands (elements 0..n-1), slots past train_size[m] ignored."""
         sizes = np.asarray(train_size, dtype=np.int64)
         if sizes.ndim != 1 or (sizes < 1).any():
             raise ValueError(f"training-set sizes must be a 1-D array of integers >= 1; got {sizes!r}")
-        tiles_of = -(-sizes // block_n)
-        model = np.repeat(np.arange(len(sizes)), tiles_of)
-        start = np.concatenate([np.arange(t) * block_n for t in tiles_of])
+        x, y = x.cpu().numpy(), y.cpu().numpy()
+        if x.shape != y.shape or x.shape[0] != len(sizes) or x.shape[1] < sizes.max():
+            raise ValueError(f"x, y: expected two ({len(sizes)}, >= {sizes.max()}) arrays, got {x.shape} and {y.shape}")
+        groups_of = -(-sizes // (block_n * group_tiles))
+        model = np.repeat(np.arange(len(sizes)), groups_of)
+        start = np.concatenate([np.arange(g) * block_n * group_tiles for g in groups_of])
+        first = np.concatenate([[0], np.cumsum(groups_of)])
+        order, starts, most = {}, {}, 0
+        for name, operand in (("x", x), ("y", y)):
+            order[name] = np.zeros(x.shape, dtype=np.int64)
+            starts[name] = np.zeros((len(sizes), n + 1), dtype=np.int64)
+            for m, size in enumerate(sizes):
+                values = operand[m, :size]
+                if values.min() < 0 or values.max() >= n:
+                    raise ValueError(f"model {m}: {name} holds {values.min()}..{values.max()}, not elements 0..{n - 1}")
+                counts = np.bincount(values, minlength=n)
+                order[name][m, :size] = np.argsort(values, kind="stable")
+                starts[name][m, 1:] = np.cumsum(counts)
+                most = max(most, int(counts.max()))
 
         def dev(a):
             return torch.as_tensor(a, dtype=torch.int32, device=device)
 
-        return cls(dev(model), dev(start), dev(sizes))
+        return cls(dev(model), dev(start), dev(first), dev(sizes), dev(order["x"]), dev(starts["x"]),
+                   dev(order["y"]), dev(starts["y"]), int(groups_of.max()), most)
 
     @property
     def count(self) -> int:
-        return self.model.shape[0]
+        """Groups of tiles, the work items of launch 2."""
+        return self.group_model.shape[0]
 
 
-def examples_args(layout: Layout, params: Tensor, grads: Tensor, ws: Workspace, scratch: Tensor, x: Tensor,
-                  y: Tensor, labels: Tensor, weight: Tensor, tiles: Tiles, precision: str, block_n: int = 64,
-                  block_c: int = 32, block_k: int = 32, arch: int = 90) -> tuple[tuple, dict]:
+def examples_args(layout: Layout, params: Tensor, ws: Workspace, scratch: Tensor, x: Tensor, y: Tensor,
+                  labels: Tensor, weight: Tensor, tiles: Tiles, precision: str, block_n: int = 64,
+                  block_c: int = 32, block_k: int = 32, group_tiles: int = 8, arch: int = 90) -> tuple[tuple, dict]:
     """Grid and keyword arguments of examples_kernel.
 
     x, y, labels (M, N) int64, weight (M, N) float32; scratch (programs, scratch_floats)
-    float32, one row per program of the persistent grid; tiles built for block_n.
-    arch: compute capability x10 of the GPU, which picks the launch options.
+    float32, one row per program of the persistent grid; tiles built for block_n
+    and group_tiles. arch: compute capability x10 of the GPU, which picks the
+    launch options.
     """
     for name, t in (("x", x), ("y", y), ("labels", labels), ("weight", weight)):
         if not t.is_contiguous() or t.shape != x.shape:
@@ -430,21 +540,23 @@ def examples_args(layout: Layout, params: Tensor, grads: Tensor, ws: Workspace, 
     need = scratch_floats(layout, block_n)
     if scratch.dim() != 2 or scratch.shape[1] != need or not scratch.is_contiguous():
         raise ValueError(f"scratch: expected a contiguous (programs, {need}) tensor, got {tuple(scratch.shape)}")
+    if ws.partial.shape != (tiles.count, layout.partial_len) or ws.dz.shape[1] != x.shape[1]:
+        raise ValueError(f"workspace for {ws.partial.shape[0]} groups and {ws.dz.shape[1]} example slots; "
+                         f"these tiles have {tiles.count} groups, the data {x.shape[1]} slots")
     return (min(scratch.shape[0], tiles.count),), dict(
-        params_ptr=params, grads_ptr=grads, V_ptr=ws.V, S_ptr=ws.S, dV_ptr=ws.dV, dS_ptr=ws.dS, dc_ptr=ws.dc,
-        loss_ptr=ws.loss, check_ptr=ws.check, scratch_ptr=scratch, x_ptr=x, y_ptr=y, label_ptr=labels,
-        weight_ptr=weight, stride_data=x.stride(0), tile_model_ptr=tiles.model, tile_start_ptr=tiles.start,
-        train_size_ptr=tiles.train_size, n_tiles=tiles.count,
+        params_ptr=params, V_ptr=ws.V, S_ptr=ws.S, dz_ptr=ws.dz, co_ptr=ws.co, partial_ptr=ws.partial,
+        scratch_ptr=scratch, x_ptr=x, y_ptr=y, label_ptr=labels, weight_ptr=weight, stride_data=x.stride(0),
+        group_model_ptr=tiles.group_model, group_start_ptr=tiles.group_start, train_size_ptr=tiles.train_size,
+        n_groups=tiles.count,
         **layout.dims, **layout.row_args("R", "OP_ROW", "FIRST_Y_ROW", "EQ_ROW", "EQ_TOKEN", "EQ_POS"),
-        **layout.offset_args(*PARAM_NAMES),
-        BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_DH=layout.block_dh,
+        **layout.offset_args(*PARAM_NAMES), **layout.tail, PARTIAL=layout.partial_len,
+        GROUP_TILES=group_tiles, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_DH=layout.block_dh,
         PRECISION=precision, **launch_options("examples", precision, arch),
     )
 
 
-def examples_launch(layout: Layout, params: Tensor, grads: Tensor, ws: Workspace, scratch: Tensor, x: Tensor,
-                    y: Tensor, labels: Tensor, weight: Tensor, tiles: Tiles, precision: str, **tiling) -> None:
-    """Loss, checksum and every gradient of the population (see examples_args)."""
-    grid, kwargs = examples_args(layout, params, grads, ws, scratch, x, y, labels, weight, tiles, precision,
-                                 **tiling)
+def examples_launch(layout: Layout, params: Tensor, ws: Workspace, scratch: Tensor, x: Tensor, y: Tensor,
+                    labels: Tensor, weight: Tensor, tiles: Tiles, precision: str, **tiling) -> None:
+    """Per-example dz and co, and each group's sums into ws.partial (see examples_args)."""
+    grid, kwargs = examples_args(layout, params, ws, scratch, x, y, labels, weight, tiles, precision, **tiling)
     examples_kernel[grid](**kwargs)

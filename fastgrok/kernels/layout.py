@@ -1,5 +1,6 @@
 """What every fused kernel agrees on: the layout they are given, the padded
-block shapes, the matmul precision, launch options and the per-step workspace.
+block shapes, the matmul precision and its operand rounding, launch options and
+the per-step workspace.
 
 Kernels see a model's parameters as one row of the population's flat (M, P)
 buffer and its (token, position) rows as ``fastgrok.layout`` defines them:
@@ -15,6 +16,7 @@ registers, and a whole (128, 128) operand would not fit beside the rest.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,16 +25,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastgrok import precision as _precision
 from fastgrok.config import ModelConfig
 from fastgrok.layout import N_CTX, POS_EQ, POS_OP, POS_X, POS_Y, ParamLayout, TokenRows
 
-# Matmul input precisions. "ieee" is fp32 FMA on the CUDA cores; "tf32x3" splits each
-# fp32 operand into two tf32 parts and keeps three of the four products
-# (relative error per product ~2^-21 instead of 2^-24); "tf32" rounds the
-# inputs to 10 mantissa bits; "bf16" casts the inputs to bfloat16 (8 bits).
-# Every mode accumulates in fp32 and keeps fp32 parameters and moments.
-PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
-DEFAULT_PRECISION = "tf32x3"
+# Matmul input precisions: fastgrok.precision's modes, for the per-example products
+# with W_O, W_in, W_out and W_U (``mma`` below); the table products and the
+# attention arithmetic are fp32 in every mode. The default is the fp32-class fast
+# mode: three bf16 products per product (about 16 mantissa bits per operand).
+PRECISIONS = _precision.PRECISIONS
+DEFAULT_PRECISION = "bf16x3"
 
 # Launch options of each kernel at its default tile sizes. ptxas trades a few
 # spilled bytes for occupancy in ways that change with the precision and the
@@ -45,15 +47,17 @@ DEFAULT_PRECISION = "tf32x3"
 LAUNCH_OPTIONS = {
     "tables_forward": dict(num_warps=4, num_stages=3),
     "examples": dict(num_warps=8, num_stages=3),
+    "reduce": dict(num_warps=4, num_stages=1),
     "adamw": dict(num_warps=4, num_stages=3),
     # Launched alone (a gradient without an update), not as launch 3's block 0.
     "tables_backward": dict(num_warps=4, num_stages=1),
 }
+# The table kernels (tables_forward, reduce, adamw, tables_backward) compute in
+# fp32 whatever the population's precision: they take "fp32" here.
 LAUNCH_EXCEPTIONS = {
-    ("examples", "ieee", 90): dict(num_stages=1),
-    ("adamw", "ieee", 90): dict(num_stages=1, maxnreg=128),
-    ("adamw", "tf32", 90): dict(num_stages=1),
-    ("tables_backward", "ieee", 80): dict(num_stages=3),
+    ("examples", "fp32", 90): dict(num_stages=1),
+    ("adamw", "fp32", 90): dict(num_stages=1, maxnreg=128),
+    ("tables_backward", "fp32", 80): dict(num_stages=3),
 }
 ARCHS = (80, 90)
 
@@ -138,6 +142,20 @@ class Layout:
     def dims(self) -> dict:
         return dict(D=self.D, H=self.H, Dh=self.Dh, F=self.F, V=self.V)
 
+    @property
+    def tail(self) -> dict[str, int]:
+        """Offsets in a ``Workspace.partial`` row of what follows the W_O..W_U gradients."""
+        D, HD, H = self.D, self.H * self.Dh, self.H
+        start = self.P - self.offsets["W_O"]
+        return dict(TAIL_DC=start, TAIL_DV_OP=start + D, TAIL_DV_EQ=start + D + HD, TAIL_DS_OP=start + D + 2 * HD,
+                    TAIL_DS_EQ=start + D + 2 * HD + H, TAIL_LOSS=start + D + 2 * HD + 2 * H,
+                    TAIL_CHECK=start + D + 2 * HD + 2 * H + 1)
+
+    @property
+    def partial_len(self) -> int:
+        """Floats per row of ``Workspace.partial``: the W_O..W_U gradients and the tail."""
+        return self.tail["TAIL_CHECK"] + 1
+
     def offset_args(self, *names: str) -> dict:
         """{"OFF_W_E": ..., ...} for the named parameters, plus the row length P."""
         return {f"OFF_{k}": self.offsets[k] for k in names} | {"P": self.P}
@@ -180,35 +198,86 @@ def row_token_pos(r, OP_ROW: tl.constexpr, FIRST_Y_ROW: tl.constexpr, EQ_ROW: tl
     return token, pos
 
 
+# The dtype bf16-rounded operands enter tl.dot in. The interpreter
+# (TRITON_INTERPRET=1) has no working bfloat16 (its casts corrupt values), so
+# there they stay float32, which holds them exactly: the same products.
+OPERAND_BF16 = tl.constexpr(tl.float32 if os.environ.get("TRITON_INTERPRET") == "1" else tl.bfloat16)
+
+
+@triton.jit
+def round_mantissa(x, DROP: tl.constexpr):
+    """fp32 ``x`` rounded to 23 - DROP explicit mantissa bits, nearest, ties to even
+    (DROP = 13: tf32, 16: bf16), exactly as fastgrok.precision.round_mantissa.
+
+    On the bit pattern: add half a unit of the last kept place, minus one unless
+    that place is odd, clear the dropped bits (unsigned, so the carry out of the
+    largest finite magnitudes gives infinity and nothing overflows). NaN is kept
+    apart, since its payload may lie only in the dropped bits. Integer arithmetic
+    is what makes the interpreter, which has no tf32 and ignores bf16, compute
+    the rounded operands a tensor core takes.
+    """
+    i = x.to(tl.uint32, bitcast=True)
+    KEEP: tl.constexpr = (0xFFFFFFFF >> DROP) << DROP
+    HALF: tl.constexpr = (1 << (DROP - 1)) - 1
+    rounded = ((i + HALF + ((i >> DROP) & 1)) & KEEP).to(tl.float32, bitcast=True)
+    return tl.where((i & 0x7FFFFFFF) > 0x7F800000, x, rounded)
+
+
 @triton.jit
 def mma(a, b, acc, PRECISION: tl.constexpr):
-    """acc + a @ b with fp32 accumulation in the chosen input precision."""
-    if PRECISION == "bf16":
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    """acc + a @ b with fp32 accumulation, the operands taken at PRECISION (fastgrok.precision).
+
+    Each operand is rounded explicitly first, so that what reaches the tensor
+    core is already representable (the tf32 dot then takes it exactly, the
+    bf16 cast is exact) and the interpreter computes the same products. bf16x3:
+    a = a_hi + a_lo, a_hi = bf16(a), a_lo = bf16(a - a_hi); the small cross
+    terms first, then a_hi b_hi, into the same fp32 accumulator.
+    """
+    if PRECISION == "fp32":
+        return tl.dot(a, b, acc, input_precision="ieee")
+    elif PRECISION == "tf32":
+        return tl.dot(round_mantissa(a, 13), round_mantissa(b, 13), acc, input_precision="tf32")
+    elif PRECISION == "bf16":
+        return tl.dot(round_mantissa(a, 16).to(OPERAND_BF16), round_mantissa(b, 16).to(OPERAND_BF16), acc)
     else:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
+        tl.static_assert(PRECISION == "bf16x3", "PRECISION must be one of fp32, tf32, bf16, bf16x3")
+        a_hi = round_mantissa(a, 16)
+        b_hi = round_mantissa(b, 16)
+        acc = tl.dot(a_hi.to(OPERAND_BF16), round_mantissa(b - b_hi, 16).to(OPERAND_BF16), acc)
+        acc = tl.dot(round_mantissa(a - a_hi, 16).to(OPERAND_BF16), b_hi.to(OPERAND_BF16), acc)
+        return tl.dot(a_hi.to(OPERAND_BF16), b_hi.to(OPERAND_BF16), acc)
 
 
 @dataclass
 class Workspace:
-    """Per-step scratch of the fused kernels, (M, ...) float32.
+    """Per-step scratch of the fused kernels, float32, every sum in a fixed order.
 
-    K, V: (M, R, H*Dh) key and value tables; S: (M, R, H) scaled scores;
-    q: (M, H*Dh) the query (launch 1). dV, dS, dc: their gradients (dc of the
-    last position's residual), summed over examples with atomics (launch 2).
-    dq: (M, H*Dh) and Rt: (M, R, D), the rows' residual stream, written by the
-    table backward (launch 3), which also overwrites K with dK once it has
-    used K. loss: (M,) mean training loss. check: (M,) the sum of every
-    gradient contribution of launch 2 and check_tab: (M, row blocks) the sum of
-    launch 1's tables, one slot per program: together non-finite iff a
-    gradient would be (barring float32 overflow), the test the torch backend's step
-    applies to its gradients, known before launch 3 computes the last ones.
+    Launch 1: K, V (M, R, H*Dh) key and value tables, S (M, R, H) scaled
+    scores, q (M, H*Dh) the query, check_tab (M, row blocks) the sum of each
+    program's tables.
+    Launch 2 (examples) writes no sum across tiles: per example slot, dz (M, N,
+    H*Dh) the gradient of the attention output and co (M, N, 4, H) its a_x, a_y,
+    ds_x, ds_y (attention weights and score gradients of the x and y rows); per
+    group of tiles, one row of ``partial`` (groups, ``partial_len``): the
+    group's sums of the W_O..W_U gradients (the flat row's tail from W_O on),
+    then ``Tail``: dc, dV and dS of the operator and '=' rows, loss, checksum.
+    Launch 3 (``kernels.reduce``) sums them in a fixed order into the
+    gradients, dV, dS (M, R, ...), dc (M, D), loss (M,) and check (M,): the sum
+    of every gradient contribution of launch 2, with check_tab non-finite iff a
+    gradient would be (barring float32 overflow), the test the torch backend's
+    step applies to its gradients, known before the table backward computes
+    the last ones.
+    The table backward then writes dq (M, H*Dh) and Rt (M, R, D), the rows'
+    residual stream, and overwrites K with dK once it has used K.
     """
 
     K: torch.Tensor
     V: torch.Tensor
     S: torch.Tensor
     q: torch.Tensor
+    dz: torch.Tensor
+    co: torch.Tensor
+    partial: torch.Tensor
     dV: torch.Tensor
     dS: torch.Tensor
     dq: torch.Tensor
@@ -219,14 +288,16 @@ class Workspace:
     check_tab: torch.Tensor
 
     @classmethod
-    def allocate(cls, layout: Layout, M: int, device, block_r: int = 32) -> "Workspace":
-        """block_r: rows per program of launch 1 (one check_tab slot each)."""
+    def allocate(cls, layout: "Layout", M: int, N: int, groups: int, device, block_r: int = 32) -> "Workspace":
+        """N example slots per model, ``groups`` groups of tiles in all (``examples.Tiles``);
+        block_r: rows per program of launch 1 (one check_tab slot each)."""
         R, HD = layout.R, layout.H * layout.Dh
 
-        def zeros(*shape, dtype=torch.float32):
-            return torch.zeros(*shape, dtype=dtype, device=device)
+        def zeros(*shape):
+            return torch.zeros(*shape, dtype=torch.float32, device=device)
 
         return cls(K=zeros(M, R, HD), V=zeros(M, R, HD), S=zeros(M, R, layout.H), q=zeros(M, HD),
+                   dz=zeros(M, N, HD), co=zeros(M, N, 4, layout.H), partial=zeros(groups, layout.partial_len),
                    dV=zeros(M, R, HD), dS=zeros(M, R, layout.H), dq=zeros(M, HD), dc=zeros(M, layout.D),
                    Rt=zeros(M, R, layout.D), loss=zeros(M), check=zeros(M),
                    check_tab=zeros(M, triton.cdiv(R, block_r)))

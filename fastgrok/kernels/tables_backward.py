@@ -1,7 +1,7 @@
-"""Part of launch 3: gradients of W_E, W_pos, W_Q, W_K, W_V from the row tables.
+"""Part of launch 4: gradients of W_E, W_pos, W_Q, W_K, W_V from the row tables.
 
-After launch 2 has summed dV (R, H*Dh), dS (R, H) and dc (D,) over every
-example, one program per model (block 0 of the AdamW launch, fastgrok.kernels.adamw)
+After launches 2 and 3 have summed dV (R, H*Dh), dS (R, H) and dc (D,) over
+every example, one program per model (block 0 of the AdamW launch, fastgrok.kernels.adamw)
 turns them into parameter gradients, then applies AdamW to them. Without an
 update (``Backend.loss_and_grad``), ``tables_backward_kernel`` runs the same
 code alone, grid (M,).
@@ -23,8 +23,10 @@ step). Like the example kernel it is a chain of small matmuls whose operands
 stream from memory (fastgrok.kernels.layout.gemm): R_tab, dq and dK (over K_tab, no
 longer needed) are first written to the workspace. Running here rather than
 at the end of launch 2 keeps the example kernel's registers for itself, and
-the launch boundary makes the atomically summed tables visible with no
-inter-program synchronisation.
+the launch boundary makes the summed tables visible with no inter-program
+synchronisation. Its products are fp32 (tl.dot in "ieee" mode) whatever the
+population's matmul precision: table products are not rounded
+(fastgrok.precision).
 """
 from __future__ import annotations
 
@@ -54,8 +56,7 @@ def tables_backward_ref(params: dict[str, Tensor], grads: dict[str, Tensor], row
 
 @triton.jit
 def _rows_dR(acc, rows, mask_r, offs_d, mask_d, p, dK_tab, dV_tab, D: tl.constexpr, H: tl.constexpr,
-             Dh: tl.constexpr, OFF_W_K: tl.constexpr, OFF_W_V: tl.constexpr, BLOCK_DH: tl.constexpr,
-             PRECISION: tl.constexpr):
+             Dh: tl.constexpr, OFF_W_K: tl.constexpr, OFF_W_V: tl.constexpr, BLOCK_DH: tl.constexpr):
     """acc + columns offs_d of dR = sum_h dK[h] W_K[h]^T + dV[h] W_V[h]^T for some rows.
 
     W_X[h, d, e] read as the (Dh, D) matrix W_X[h]^T: strides 1 (e) and Dh (d).
@@ -63,9 +64,9 @@ def _rows_dR(acc, rows, mask_r, offs_d, mask_d, p, dK_tab, dV_tab, D: tl.constex
     HD: tl.constexpr = H * Dh
     for h in range(H):
         acc = gemm(acc, dK_tab + h * Dh, HD, 1, rows, mask_r, p + OFF_W_K + h * D * Dh, 1, Dh, offs_d, mask_d,
-                   Dh, BLOCK_DH, PRECISION)
+                   Dh, BLOCK_DH, "fp32")
         acc = gemm(acc, dV_tab + h * Dh, HD, 1, rows, mask_r, p + OFF_W_V + h * D * Dh, 1, Dh, offs_d, mask_d,
-                   Dh, BLOCK_DH, PRECISION)
+                   Dh, BLOCK_DH, "fp32")
     return acc
 
 
@@ -77,8 +78,7 @@ def tables_backward_tail(
     EQ_TOKEN: tl.constexpr, POS_X: tl.constexpr, POS_OP: tl.constexpr, POS_Y: tl.constexpr, EQ_POS: tl.constexpr,
     OFF_W_E: tl.constexpr, OFF_W_pos: tl.constexpr, OFF_W_Q: tl.constexpr, OFF_W_K: tl.constexpr,
     OFF_W_V: tl.constexpr, P: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DH: tl.constexpr,
-    SCALE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DH: tl.constexpr, SCALE: tl.constexpr,
 ):
     """Table gradients of model m (int64); SCALE = 1/sqrt(Dh); see the module docstring."""
     HD: tl.constexpr = H * Dh
@@ -140,9 +140,9 @@ def tables_backward_tail(
             w_offs = (cols // Dh)[None, :] * (D * Dh) + offs_d[:, None] * Dh + (cols % Dh)[None, :]
             dW_Q = c[:, None] * tl.load(dq_m + cols, mask=mask_c, other=0.0)[None, :]
             dW_K = gemm(tl.zeros((BLOCK_C, BLOCK_C), tl.float32), Rt, 1, D, offs_d, mask_d, dK_tab, HD, 1,
-                        cols, mask_c, R, BLOCK_R, PRECISION)
+                        cols, mask_c, R, BLOCK_R, "fp32")
             dW_V = gemm(tl.zeros((BLOCK_C, BLOCK_C), tl.float32), Rt, 1, D, offs_d, mask_d, dV_tab, HD, 1,
-                        cols, mask_c, R, BLOCK_R, PRECISION)
+                        cols, mask_c, R, BLOCK_R, "fp32")
             tl.store(g + OFF_W_Q + w_offs, dW_Q, mask=mask_dc)
             tl.store(g + OFF_W_K + w_offs, dW_K, mask=mask_dc)
             tl.store(g + OFF_W_V + w_offs, dW_V, mask=mask_dc)
@@ -159,9 +159,9 @@ def tables_backward_tail(
             elems = e0 + tl.arange(0, BLOCK_R)
             mask_e = elems < OP_ROW
             dR_x = _rows_dR(tl.zeros((BLOCK_R, BLOCK_C), tl.float32), elems, mask_e, offs_d, mask_d, p, dK_tab,
-                            dV_tab, D, H, Dh, OFF_W_K, OFF_W_V, BLOCK_DH, PRECISION)
+                            dV_tab, D, H, Dh, OFF_W_K, OFF_W_V, BLOCK_DH)
             dR_y = _rows_dR(tl.zeros((BLOCK_R, BLOCK_C), tl.float32), elems + FIRST_Y_ROW, mask_e, offs_d, mask_d, p,
-                            dK_tab, dV_tab, D, H, Dh, OFF_W_K, OFF_W_V, BLOCK_DH, PRECISION)
+                            dK_tab, dV_tab, D, H, Dh, OFF_W_K, OFF_W_V, BLOCK_DH)
             tl.store(g + OFF_W_E + elems[:, None] * D + offs_d[None, :], dR_x + dR_y,
                      mask=mask_e[:, None] & mask_d[None, :])
             pos0 += tl.sum(dR_x, axis=0)
@@ -169,11 +169,11 @@ def tables_backward_tail(
         special = tl.arange(0, BLOCK_R)
         special_rows = tl.where(special == 0, OP_ROW, EQ_ROW)
         dR = _rows_dR(tl.zeros((BLOCK_R, BLOCK_C), tl.float32), special_rows, special < 2, offs_d, mask_d, p,
-                      dK_tab, dV_tab, D, H, Dh, OFF_W_K, OFF_W_V, BLOCK_DH, PRECISION)
+                      dK_tab, dV_tab, D, H, Dh, OFF_W_K, OFF_W_V, BLOCK_DH)
         for h in range(H):
             # dq as row 1 ('=') of a (BLOCK_R, Dh) operand whose other rows are masked.
             dR = gemm(dR, dq_m + h * Dh, 0, 1, special, special == 1, p + OFF_W_Q + h * D * Dh, 1, Dh,
-                      offs_d, mask_d, Dh, BLOCK_DH, PRECISION)
+                      offs_d, mask_d, Dh, BLOCK_DH, "fp32")
         dR_op = tl.sum(tl.where(special[:, None] == 0, dR, 0.0), axis=0)
         dR_eq = tl.sum(tl.where(special[:, None] == 1, dR, 0.0), axis=0) + tl.load(dc_ptr + m * D + offs_d,
                                                                                     mask=mask_d, other=0.0)
@@ -193,25 +193,24 @@ def tables_backward_kernel(
     EQ_TOKEN: tl.constexpr, POS_X: tl.constexpr, POS_OP: tl.constexpr, POS_Y: tl.constexpr, EQ_POS: tl.constexpr,
     OFF_W_E: tl.constexpr, OFF_W_pos: tl.constexpr, OFF_W_Q: tl.constexpr, OFF_W_K: tl.constexpr,
     OFF_W_V: tl.constexpr, P: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DH: tl.constexpr,
-    SCALE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DH: tl.constexpr, SCALE: tl.constexpr,
 ):
     """Grid (M,): the table gradients of each model, with no update."""
     tables_backward_tail(tl.program_id(0).to(tl.int64), params_ptr, grads_ptr, K_ptr, q_ptr, dV_ptr, dS_ptr, dq_ptr,
                          dc_ptr, Rt_ptr, D, H, Dh, R, OP_ROW, FIRST_Y_ROW, EQ_ROW, OP_TOKEN, EQ_TOKEN, POS_X, POS_OP,
                          POS_Y, EQ_POS, OFF_W_E, OFF_W_pos, OFF_W_Q, OFF_W_K, OFF_W_V, P, BLOCK_R, BLOCK_C, BLOCK_DH,
-                         SCALE, PRECISION)
+                         SCALE)
 
 
-def tables_backward_args(layout: Layout, params: Tensor, grads: Tensor, ws: Workspace, precision: str,
-                         block_r: int = 16, block_c: int = 16, arch: int = 90) -> tuple[tuple, dict]:
+def tables_backward_args(layout: Layout, params: Tensor, grads: Tensor, ws: Workspace, block_r: int = 16,
+                         block_c: int = 16, arch: int = 90) -> tuple[tuple, dict]:
     """Grid and keyword arguments of tables_backward_kernel (launch 3's tiles: fastgrok.kernels.adamw.adamw_args)."""
     return (layout.check_flat(params=params, grads=grads),), dict(
         params_ptr=params, grads_ptr=grads, K_ptr=ws.K, q_ptr=ws.q, dV_ptr=ws.dV, dS_ptr=ws.dS, dq_ptr=ws.dq,
         dc_ptr=ws.dc, Rt_ptr=ws.Rt, D=layout.D, H=layout.H, Dh=layout.Dh, **layout.row_args(),
         **layout.offset_args("W_E", "W_pos", "W_Q", "W_K", "W_V"),
-        BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_DH=layout.block_dh, SCALE=layout.scale, PRECISION=precision,
-        **launch_options("tables_backward", precision, arch),
+        BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_DH=layout.block_dh, SCALE=layout.scale,
+        **launch_options("tables_backward", "fp32", arch),
     )
 
 

@@ -13,12 +13,10 @@ and the example kernel only gathers rows. Grid (M, cdiv(R, BLOCK_R)); a
 program projects BLOCK_R rows of R_tab one head and BLOCK_K columns of
 d_model at a time (operands of (BLOCK_R, BLOCK_K) and (BLOCK_K, Dh)).
 
-The same launch clears what launch 2 accumulates into with atomics: the
-gradient of W_O..W_U (contiguous at the end of the flat row; the other
-gradients are written, not accumulated), the row-table gradients dV, dS, dc,
-and the per-model loss and checksum; the clearing is split evenly over a
-model's row blocks. Each program also writes the sum of its tables to its
-own check_tab slot (fastgrok.kernels.layout.Workspace).
+The products are fp32 (tl.dot in "ieee" mode) whatever the population's
+matmul precision (fastgrok.precision: the tables are computed once per step
+on a few hundred rows). Each program also writes the sum of its tables to
+its own check_tab slot (fastgrok.kernels.layout.Workspace).
 
 The rows (R, OP_ROW, ..., EQ_POS) are constexprs from
 ``fastgrok.layout.TokenRows`` (``Layout.row_args``).
@@ -49,14 +47,13 @@ def tables_forward_ref(params: dict[str, Tensor], rows: TokenRows) -> tuple[Tens
 
 @triton.jit
 def tables_forward_kernel(
-    params_ptr, grads_ptr, K_ptr, V_ptr, S_ptr, q_ptr, dV_ptr, dS_ptr, dc_ptr, loss_ptr, check_ptr, check_tab_ptr,
+    params_ptr, K_ptr, V_ptr, S_ptr, q_ptr, check_tab_ptr,
     D: tl.constexpr, H: tl.constexpr, Dh: tl.constexpr,
     R: tl.constexpr, OP_ROW: tl.constexpr, FIRST_Y_ROW: tl.constexpr, EQ_ROW: tl.constexpr, OP_TOKEN: tl.constexpr,
     EQ_TOKEN: tl.constexpr, POS_X: tl.constexpr, POS_OP: tl.constexpr, POS_Y: tl.constexpr, EQ_POS: tl.constexpr,
     OFF_W_E: tl.constexpr, OFF_W_pos: tl.constexpr, OFF_W_Q: tl.constexpr, OFF_W_K: tl.constexpr,
-    OFF_W_V: tl.constexpr, OFF_W_O: tl.constexpr, P: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DH: tl.constexpr,
-    BLOCK_ZERO: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
+    OFF_W_V: tl.constexpr, P: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DH: tl.constexpr, SCALE: tl.constexpr,
 ):
     HD: tl.constexpr = H * Dh
     NUM_RB: tl.constexpr = (R + BLOCK_R - 1) // BLOCK_R
@@ -86,43 +83,25 @@ def tables_forward_kernel(
                      + tl.load(p + OFF_W_pos + pos[:, None] * D + offs_k[None, :], mask=mask_rk, other=0.0))
             w_offs = h * (D * Dh) + offs_k[:, None] * Dh + lanes[None, :]
             mask_kl = mask_k[:, None] & mask_l[None, :]
-            K = mma(resid, tl.load(p + OFF_W_K + w_offs, mask=mask_kl, other=0.0), K, PRECISION)
-            Vh = mma(resid, tl.load(p + OFF_W_V + w_offs, mask=mask_kl, other=0.0), Vh, PRECISION)
+            K = mma(resid, tl.load(p + OFF_W_K + w_offs, mask=mask_kl, other=0.0), K, "fp32")
+            Vh = mma(resid, tl.load(p + OFF_W_V + w_offs, mask=mask_kl, other=0.0), Vh, "fp32")
             c = (tl.load(p + OFF_W_E + EQ_TOKEN * D + offs_k, mask=mask_k, other=0.0)
                  + tl.load(p + OFF_W_pos + EQ_POS * D + offs_k, mask=mask_k, other=0.0))
             q += tl.sum(c[:, None] * tl.load(p + OFF_W_Q + w_offs, mask=mask_kl, other=0.0), axis=0)
         cols = tab_rows + h * Dh + lanes[None, :]
         tl.store(K_ptr + cols, K, mask=mask_rl)
         tl.store(V_ptr + cols, Vh, mask=mask_rl)
-        tl.store(dV_ptr + cols, tl.zeros((BLOCK_R, BLOCK_DH), tl.float32), mask=mask_rl)
         s_offs = m * (R * H) + offs_r * H + h
         tl.store(S_ptr + s_offs, tl.sum(K * q[None, :], axis=1) * SCALE, mask=mask_r)
-        tl.store(dS_ptr + s_offs, tl.zeros((BLOCK_R,), tl.float32), mask=mask_r)
         tl.store(q_ptr + m * HD + h * Dh + lanes, q, mask=lanes < tl.where(rb == 0, Dh, 0))
         # Non-finite weights reach the gradients of W_E..W_V through these
         # tables even where no example uses a row (0 * inf), so they count.
         checksum += tl.sum(tl.sum(K + Vh, axis=1), axis=0) + tl.sum(q, axis=0)
     tl.store(check_tab_ptr + m * NUM_RB + rb, checksum)
 
-    # This block's share of the accumulated gradients W_O..W_U.
-    ACC_LEN: tl.constexpr = P - OFF_W_O
-    SHARE: tl.constexpr = (ACC_LEN + NUM_RB - 1) // NUM_RB
-    start = OFF_W_O + rb * SHARE
-    stop = tl.minimum(start + SHARE, P)
-    g = grads_ptr + m * P
-    for i in range(0, SHARE, BLOCK_ZERO):
-        offs = start + i + tl.arange(0, BLOCK_ZERO)
-        tl.store(g + offs, tl.zeros((BLOCK_ZERO,), tl.float32), mask=offs < stop)
-    if rb == 0:
-        offs_d = tl.arange(0, BLOCK_ZERO)
-        for d0 in range(0, D, BLOCK_ZERO):
-            tl.store(dc_ptr + m * D + d0 + offs_d, tl.zeros((BLOCK_ZERO,), tl.float32), mask=d0 + offs_d < D)
-        tl.store(loss_ptr + m, 0.0)
-        tl.store(check_ptr + m, 0.0)
 
-
-def tables_forward_args(layout: Layout, params: Tensor, grads: Tensor, ws: Workspace, precision: str,
-                        block_r: int = 32, block_k: int = 32, arch: int = 90) -> tuple[tuple, dict]:
+def tables_forward_args(layout: Layout, params: Tensor, ws: Workspace, block_r: int = 32, block_k: int = 32,
+                        arch: int = 90) -> tuple[tuple, dict]:
     """Grid and keyword arguments of tables_forward_kernel (for launching and for AOT compiling).
 
     arch: compute capability x10 of the GPU, which picks the launch options.
@@ -132,18 +111,15 @@ def tables_forward_args(layout: Layout, params: Tensor, grads: Tensor, ws: Works
     if ws.check_tab.shape != grid:
         raise ValueError(f"ws.check_tab has shape {tuple(ws.check_tab.shape)}; block_r={block_r} needs {grid}")
     return grid, dict(
-        params_ptr=params, grads_ptr=grads, K_ptr=ws.K, V_ptr=ws.V, S_ptr=ws.S, q_ptr=ws.q, dV_ptr=ws.dV,
-        dS_ptr=ws.dS, dc_ptr=ws.dc, loss_ptr=ws.loss, check_ptr=ws.check, check_tab_ptr=ws.check_tab,
+        params_ptr=params, K_ptr=ws.K, V_ptr=ws.V, S_ptr=ws.S, q_ptr=ws.q, check_tab_ptr=ws.check_tab,
         D=layout.D, H=layout.H, Dh=layout.Dh, **layout.row_args(),
-        **layout.offset_args("W_E", "W_pos", "W_Q", "W_K", "W_V", "W_O"),
-        BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_DH=layout.block_dh,
-        BLOCK_ZERO=1024, SCALE=layout.scale, PRECISION=precision,
-        **launch_options("tables_forward", precision, arch),
+        **layout.offset_args("W_E", "W_pos", "W_Q", "W_K", "W_V"),
+        BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_DH=layout.block_dh, SCALE=layout.scale,
+        **launch_options("tables_forward", "fp32", arch),
     )
 
 
-def tables_forward_launch(layout: Layout, params: Tensor, grads: Tensor, ws: Workspace, precision: str,
-                          **tiling) -> None:
-    """Fill ws.K, ws.V, ws.S from ``params`` (M, P) and clear the step's accumulators."""
-    grid, kwargs = tables_forward_args(layout, params, grads, ws, precision, **tiling)
+def tables_forward_launch(layout: Layout, params: Tensor, ws: Workspace, **tiling) -> None:
+    """Fill ws.K, ws.V, ws.S, ws.q and ws.check_tab from ``params`` (M, P)."""
+    grid, kwargs = tables_forward_args(layout, params, ws, **tiling)
     tables_forward_kernel[grid](**kwargs)

@@ -1,4 +1,4 @@
-"""Launch 3's AdamW (fastgrok.kernels.adamw) in the interpreter against torch.optim.AdamW."""
+"""Launch 4's AdamW (fastgrok.kernels.adamw) in the interpreter against torch.optim.AdamW."""
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -11,11 +11,11 @@ BETAS, EPS = (0.9, 0.98), 1e-8
 
 def run_kernel(interpreted, params, grads, m1, m2, lr, wd, failed, loss, check, step, warm):
     L = interpreted.layout.Layout.from_config(CFG)
-    ws = interpreted.layout.Workspace.allocate(L, params.shape[0], "cpu")
+    ws = interpreted.layout.Workspace.allocate(L, params.shape[0], 1, 1, "cpu")
     ws.loss.copy_(loss)
     ws.check.copy_(check)
     hyper = torch.tensor(interpreted.adamw.step_scalars(step, warm, BETAS), dtype=torch.float64)
-    interpreted.adamw.adamw_launch(L, params, grads, m1, m2, lr, wd, failed, hyper, ws, BETAS, EPS, "ieee",
+    interpreted.adamw.adamw_launch(L, params, grads, m1, m2, lr, wd, failed, hyper, ws, BETAS, EPS,
                                    with_table_grads=False, block=256)
 
 

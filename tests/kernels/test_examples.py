@@ -1,8 +1,9 @@
-"""Launches 1-3 in the interpreter: loss and every gradient against the float64 oracle.
+"""Launches 1-3 and the table backward in the interpreter: loss and every gradient
+against the float64 oracle.
 
 The oracle is fastgrok.model's Transformer in float64 with autograd, one model
-at a time on its own training set. Launch 3 runs with lr = 0 so that it only
-completes the gradients (the table backward) and leaves the parameters alone.
+at a time on its own training set (fp32 products: the other precisions are
+compared with the torch backend in tests/kernels/test_triton_engine.py).
 """
 import pytest
 import torch
@@ -10,6 +11,7 @@ import triton
 import triton.language as tl
 
 import fastgrok.kernels.examples as examples
+import fastgrok.kernels.reduce as reduce  # not in the interpreted fixture (tests/conftest.py)
 from fastgrok.backends.torch_engine import TorchBackend, examples_forward, tables_forward
 from fastgrok.config import ModelConfig, RunSpec, TaskConfig
 from fastgrok.layout import PARAM_NAMES
@@ -36,19 +38,20 @@ def oracle(pop: Population, m: int) -> tuple[float, dict[str, torch.Tensor]]:
     return loss.item(), {k: getattr(model, k).grad for k in PARAM_NAMES}
 
 
-def kernel_loss_and_grads(interpreted, pop: Population, programs: int, precision: str = "ieee") -> torch.Tensor:
-    """Run launches 1 and 2 and the table backward (launch 3 without AdamW); losses (M,),
-    gradients land in pop.flat_grads."""
+def kernel_loss_and_grads(interpreted, pop: Population, programs: int, group_tiles: int = 2) -> torch.Tensor:
+    """Run launches 1-3 and the table backward (no AdamW); losses (M,), gradients land in pop.flat_grads."""
     L = interpreted.layout.Layout.from_config(CFG, pop.rows)
-    ws = interpreted.layout.Workspace.allocate(L, pop.M, "cpu")
-    tiles = interpreted.examples.Tiles.build(pop.train_size, TILING["block_n"], "cpu")
+    tiles = interpreted.examples.Tiles.build(pop.train_size, pop.train_x, pop.train_y, pop.rows.n,
+                                             TILING["block_n"], group_tiles, "cpu")
+    ws = interpreted.layout.Workspace.allocate(L, pop.M, pop.train_x.shape[1], tiles.count, "cpu")
     scratch = torch.zeros(programs, interpreted.examples.scratch_floats(L, TILING["block_n"]))
-    interpreted.tables_forward.tables_forward_launch(L, pop.flat_params, pop.flat_grads, ws, precision,
-                                                     block_k=TILING["block_k"])
-    interpreted.examples.examples_launch(L, pop.flat_params, pop.flat_grads, ws, scratch, pop.train_x, pop.train_y,
-                                         pop.train_labels, pop.train_weight, tiles, precision, **TILING)
+    interpreted.tables_forward.tables_forward_launch(L, pop.flat_params, ws, block_k=TILING["block_k"])
+    interpreted.examples.examples_launch(L, pop.flat_params, ws, scratch, pop.train_x, pop.train_y,
+                                         pop.train_labels, pop.train_weight, tiles, "fp32", group_tiles=group_tiles,
+                                         **TILING)
+    reduce.reduce_launch(L, pop.flat_grads, ws, tiles, pop.train_x.shape[1])
     params_before = pop.flat_params.clone()
-    interpreted.tables_backward.tables_backward_launch(L, pop.flat_params, pop.flat_grads, ws, precision)
+    interpreted.tables_backward.tables_backward_launch(L, pop.flat_params, pop.flat_grads, ws)
     assert torch.equal(pop.flat_params, params_before), "the table backward leaves the parameters alone"
     return ws.loss
 
@@ -66,8 +69,9 @@ def assert_matches_oracle(pop: Population, losses: torch.Tensor):
 
 @pytest.mark.parametrize("sizes, programs", [((1,), 1), ((1, 20, 37), 2)], ids=["M=1,D=1", "M=3,D=1,20,37"])
 def test_loss_and_gradients_match_the_float64_oracle(interpreted, sizes, programs):
-    # Three tiles for D = 37 and two programs: tiles of different models share
-    # a program's scratch, and the last tile of each model is partial.
+    # Three tiles for D = 37 in two groups (of 2 and 1 tiles) and two programs:
+    # groups of different models share a program's scratch, a group sums
+    # several tiles, and the last tile of each model is partial.
     runs = [RunSpec(train_size=d, data_seed=m, init_seed=10 + m, random_labels=m == 2) for m, d in enumerate(sizes)]
     pop = Population(TASK, CFG, runs)
     with torch.no_grad():  # non-zero biases so that their gradients are exercised fully

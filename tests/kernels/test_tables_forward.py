@@ -1,4 +1,5 @@
-"""Launch 1 (fastgrok.kernels.tables_forward) in the interpreter against float64 tables."""
+"""Launch 1 (fastgrok.kernels.tables_forward) in the interpreter against float64 tables (fp32 products
+in every precision)."""
 import math
 
 import torch
@@ -26,18 +27,15 @@ def flat(params: dict) -> torch.Tensor:
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shape=st.sampled_from(SHAPES), M=st.integers(1, 3), seed=st.integers(0, 2**16),
        block_r=st.sampled_from([16, 32]))
-def test_tables_and_clearing_match_float64(interpreted, shape, M, seed, block_r):
+def test_tables_match_float64(interpreted, shape, M, seed, block_r):
     p, D, H, Dh = shape
     cfg = ModelConfig(d_vocab=p + 2, d_model=D, n_heads=H, d_head=Dh, d_mlp=16)
     layout = interpreted.layout.Layout.from_config(cfg)
     models = [init_params(cfg, seed + m) for m in range(M)]
     params = torch.stack([flat(P) for P in models])
-    grads = torch.full_like(params, 7.0)
-    ws = interpreted.layout.Workspace.allocate(layout, M, "cpu", block_r=block_r)
-    for buf in (ws.dV, ws.dS, ws.dc, ws.loss, ws.check):
-        buf.fill_(float("nan"))
+    ws = interpreted.layout.Workspace.allocate(layout, M, 1, 1, "cpu", block_r=block_r)
 
-    interpreted.tables_forward.tables_forward_launch(layout, params, grads, ws, "ieee", block_r=block_r, block_k=16)
+    interpreted.tables_forward.tables_forward_launch(layout, params, ws, block_r=block_r, block_k=16)
 
     for m, P in enumerate(models):
         P = {k: v.double() for k, v in P.items()}
@@ -53,11 +51,6 @@ def test_tables_and_clearing_match_float64(interpreted, shape, M, seed, block_r)
         sums = (K.sum() + V.sum()).item() + q.sum().item() * ws.check_tab.shape[1]
         assert math.isclose(ws.check_tab[m].sum().item(), sums, rel_tol=1e-4, abs_tol=1e-4), f"model {m} checksum"
 
-    start = layout.offsets["W_O"]
-    assert (grads[:, start:] == 0).all(), "the accumulated gradients W_O..W_U are cleared"
-    assert (grads[:, :start] == 7).all(), "the written gradients W_E..W_V are left alone"
-    for name in ("dV", "dS", "dc", "loss", "check"):
-        assert (getattr(ws, name) == 0).all(), f"ws.{name} is cleared"
 
 
 def test_a_non_finite_weight_of_an_unused_row_reaches_the_checksum(interpreted):
@@ -66,8 +59,7 @@ def test_a_non_finite_weight_of_an_unused_row_reaches_the_checksum(interpreted):
     layout = interpreted.layout.Layout.from_config(cfg)
     params = torch.stack([flat(init_params(cfg, m)) for m in range(2)])
     params[1, layout.offsets["W_E"] + 3 * cfg.d_model] = float("inf")   # token 3's embedding
-    ws = interpreted.layout.Workspace.allocate(layout, 2, "cpu")
-    interpreted.tables_forward.tables_forward_launch(layout, params, torch.zeros_like(params), ws, "ieee",
-                                                     block_k=16)
+    ws = interpreted.layout.Workspace.allocate(layout, 2, 1, 1, "cpu")
+    interpreted.tables_forward.tables_forward_launch(layout, params, ws, block_k=16)
     assert ws.check_tab[0].isfinite().all()
     assert not ws.check_tab[1].sum().isfinite()
