@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--sizes", help="training-set size of the grokking runs (default: the grok experiment's)")
     pr.add_argument("--ungrok", default="", metavar="OPTIONS",
                     help="also an ungrokking run per precision with these fastgrok ungrok options, quoted, "
-                         "e.g. '--sizes 120:300:7 --seeds 2 --wd 3 --steps 8000' (default: none)")
+                         "e.g. '--sizes 120:300:7 --seeds 2 --wd 3 --steps 8000' (default: none); a --backend "
+                         "there is the ungrokking runs' own")
     pr.add_argument("--backend", default="auto", choices=BACKENDS, help="training backend (default auto)")
     pr.add_argument("--out-dir", type=Path, help="where the run files go (default runs/precision-<preset>); "
                                                  "files there are resumed, complete ones reused")
@@ -565,7 +566,7 @@ def cmd_precision(args):
         raise UsageError(f"--precisions {args.precisions}: the study compares against fp32; include it")
     check_seeds(args.seeds)
     ungrok_options = shlex.split(args.ungrok)
-    for option in ("--precision", "--out", "--preset", "--backend"):
+    for option in ("--precision", "--out", "--preset"):
         if option in ungrok_options:
             raise UsageError(f"--ungrok: {option} is set by the study itself; leave it out")
     directory = args.out_dir or Path("runs") / f"precision-{args.preset}"
