@@ -18,7 +18,7 @@ median round is reported. Achieved GFLOP/s counts the batched engine's FLOPs
 per model-step (fastgrok.backends.torch_engine.flops_per_model_step) for every method, so it
 is throughput in common units, and it is compared with the machine's sgemm
 peak measured at start-up (the precision modes execute about those FLOPs,
-bf16x3 about twice as many (two GEMMs per product), fp32's rewrite 55% of them);
+bf16x3 about three times as many (three GEMMs per product), fp32's rewrite 55% of them);
 "x cpu" is the speed relative to the C++ engine at fp32 in the same rounds,
 "own GF/s" the C++ engine's own FLOPs (CpuBackend.flops_per_model_step) per
 second.
