@@ -18,6 +18,7 @@ distributions over seeds, never trajectory by trajectory:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,7 +128,10 @@ def compare(by_precision: dict[str, dict[str, np.ndarray]], reference: str = "fp
         spread = _spread(ref)
         for precision, stats in by_precision.items():
             x = _known(stats[statistic])
-            shift = (_median(x) - _median(ref)) / spread if spread > 0 else float("nan")
+            delta = _median(x) - _median(ref)
+            # No spread among the fp32 seeds (e.g. every seed memorised by the same
+            # evaluation): equal medians are no shift, unequal ones an unbounded one.
+            shift = delta / spread if spread > 0 else (0.0 if delta == 0 else math.copysign(math.inf, delta))
             p = 1.0 if precision == reference else rank_sum_test(x, ref)
             out.append(Comparison(statistic, precision, len(x), _median(x), int(np.isfinite(x).sum()),
                                   0.0 if precision == reference else shift, p))
