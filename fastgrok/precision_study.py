@@ -131,7 +131,10 @@ def compare(by_precision: dict[str, dict[str, np.ndarray]], reference: str = "fp
             delta = _median(x) - _median(ref)
             # No spread among the fp32 seeds (e.g. every seed memorised by the same
             # evaluation): equal medians are no shift, unequal ones an unbounded one.
-            shift = delta / spread if spread > 0 else (0.0 if delta == 0 else math.copysign(math.inf, delta))
+            if math.isnan(spread):          # fewer than 4 fp32 seeds with a value: no spread to measure by
+                shift = math.nan
+            else:
+                shift = delta / spread if spread > 0 else (0.0 if delta == 0 else math.copysign(math.inf, delta))
             p = 1.0 if precision == reference else rank_sum_test(x, ref)
             out.append(Comparison(statistic, precision, len(x), _median(x), int(np.isfinite(x).sum()),
                                   0.0 if precision == reference else shift, p))

@@ -31,10 +31,12 @@ from fastgrok.layout import N_CTX, POS_EQ, POS_OP, POS_X, POS_Y, ParamLayout, To
 
 # Matmul input precisions: fastgrok.precision's modes, for the per-example products
 # with W_O, W_in, W_out and W_U (``mma`` below); the table products and the
-# attention arithmetic are fp32 in every mode. The default is the fp32-class fast
-# mode: three bf16 products per product (about 16 mantissa bits per operand).
+# attention arithmetic are fp32 in every mode. The default is bf16 inputs, the
+# fastest tensor-core mode, because the precision study (README, "Does matmul
+# precision change grokking?") found its grokking statistics within fp32's
+# seed-to-seed spread; fp32, tf32 and bf16x3 are one --precision away.
 PRECISIONS = _precision.PRECISIONS
-DEFAULT_PRECISION = "bf16x3"
+DEFAULT_PRECISION = "bf16"
 
 # Launch options of each kernel at its default tile sizes. ptxas trades a few
 # spilled bytes for occupancy in ways that change with the precision and the
