@@ -49,40 +49,35 @@ def final_values(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _in_window(steps: np.ndarray, last: float, window: float) -> np.ndarray:
-    # The relative slack keeps the window's first step inside despite 1 - 1/3 rounding.
-    return steps >= last - window * last * (1 + 1e-12)
+def _tail(steps: np.ndarray, values: np.ndarray, window: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per model, the largest |value - final| over the last ``window`` of training (NaN for a
+    model never evaluated) and how many evaluations that window holds."""
+    if not 0 < window <= 1:
+        raise ValueError(f"window={window!r}: must be a fraction of training in (0, 1]")
+    steps = np.asarray(steps, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    moved, points = np.full(values.shape[0], np.nan), np.zeros(values.shape[0], dtype=np.int64)
+    for m, row in enumerate(values):
+        finite = np.isfinite(row)
+        if finite.any():
+            last = steps[finite].max()
+            # The relative slack keeps the window's first step inside despite 1 - 1/3 rounding.
+            inside = finite & (steps >= last - window * last * (1 + 1e-12))
+            moved[m], points[m] = np.abs(row[inside] - row[finite][-1]).max(), inside.sum()
+    return moved, points
 
 
 def converged(steps: np.ndarray, test_acc: np.ndarray, window: float = CONVERGENCE_WINDOW,
               tolerance: float = CONVERGENCE_TOLERANCE) -> np.ndarray:
     """(M,) bool: test accuracy within ``tolerance`` of its final value over the last ``window``
     of training (module docstring). steps (S,) shared; test_acc (M, S), NaN where not evaluated."""
-    steps = np.asarray(steps, dtype=np.float64)
-    acc = np.asarray(test_acc, dtype=np.float64)
-    if not 0 < window <= 1:
-        raise ValueError(f"window={window!r}: must be a fraction of training in (0, 1]")
-    out = np.zeros(acc.shape[0], dtype=bool)
-    for m, row in enumerate(acc):
-        finite = np.isfinite(row)
-        if not finite.any():
-            continue
-        inside = finite & _in_window(steps, steps[finite].max(), window)
-        if inside.sum() >= MIN_WINDOW_POINTS:
-            out[m] = np.abs(row[inside] - row[finite][-1]).max() <= tolerance
-    return out
+    moved, points = _tail(steps, test_acc, window)
+    return (points >= MIN_WINDOW_POINTS) & (moved <= tolerance)
 
 
 def movement(steps: np.ndarray, test_acc: np.ndarray, window: float = CONVERGENCE_WINDOW) -> np.ndarray:
     """(M,) the largest |test accuracy - final| over the last ``window`` of training."""
-    steps = np.asarray(steps, dtype=np.float64)
-    out = np.full(test_acc.shape[0], np.nan)
-    for m, row in enumerate(np.asarray(test_acc, dtype=np.float64)):
-        finite = np.isfinite(row)
-        if finite.any():
-            inside = finite & _in_window(steps, steps[finite].max(), window)
-            out[m] = np.abs(row[inside] - row[finite][-1]).max()
-    return out
+    return _tail(steps, test_acc, window)[0]
 
 
 def crossing(sizes: np.ndarray, acc: np.ndarray, level: float = CROSSING_LEVEL) -> float:

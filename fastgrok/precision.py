@@ -70,15 +70,6 @@ def round_mantissa(x: Tensor, bits: int) -> Tensor:
     return rounded.where(x == x, x)          # x != x: NaN
 
 
-def round_to(x: Tensor, precision: str) -> Tensor:
-    """The operand as a tensor core of this precision takes it (fp32: unchanged)."""
-    if precision in MANTISSA_BITS:
-        return operand(x, precision)
-    if precision == "fp32":
-        return x
-    raise ValueError(f"round_to: precision={precision!r} has no single rounding; valid: fp32, tf32, bf16")
-
-
 def split_bf16(x: Tensor) -> tuple[Tensor, Tensor]:
     """(hi, lo) with hi = bf16(x), lo = bf16(x - hi): the bf16x3 operand split."""
     hi = round_mantissa(x, 7)
@@ -120,5 +111,5 @@ def matmul(a: Tensor, b: Tensor, precision: str) -> Tensor:
     return product(operand(a, precision), operand(b, precision))
 
 
-__all__ = ["PRECISIONS", "MANTISSA_BITS", "check_precision", "round_mantissa", "round_to",
+__all__ = ["PRECISIONS", "MANTISSA_BITS", "check_precision", "round_mantissa",
            "split_bf16", "Operand", "operand", "transposed", "product", "matmul"]

@@ -69,7 +69,7 @@ def hard_cases(bits: int) -> list[float]:
 def test_rounding_equals_the_definition_on_hard_cases(precision):
     bits = mp.MANTISSA_BITS[precision]
     cases = hard_cases(bits)
-    got = mp.round_to(torch.tensor(cases, dtype=torch.float32), precision).tolist()
+    got = mp.operand(torch.tensor(cases, dtype=torch.float32), precision).tolist()
     for x, g in zip(cases, got):
         want = reference_round(x, bits)
         assert struct.pack("<f", g) == struct.pack("<f", want), f"{precision}: {x!r} -> {g!r}, definition {want!r}"
@@ -82,7 +82,7 @@ def test_rounding_equals_the_definition_on_random_float32(precision):
     words = rng.integers(0, 2**32, size=4000, dtype=np.uint64).astype(np.uint32)
     x = torch.from_numpy(words.view(np.float32).copy())
     x = x[torch.isfinite(x)]
-    got = mp.round_to(x, precision)
+    got = mp.operand(x, precision)
     want = torch.tensor([reference_round(v, bits) for v in x.tolist()], dtype=torch.float32)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
 
@@ -93,7 +93,7 @@ def test_bf16_rounding_equals_torchs_conversion():
     rng = np.random.default_rng(1)
     x = torch.from_numpy(rng.integers(0, 2**32, 100_000, dtype=np.uint64).astype(np.uint32).view(np.float32))
     x = x[torch.isfinite(x) & (x.abs() >= torch.finfo(torch.float32).tiny)]
-    assert torch.equal(mp.round_to(x, "bf16").view(torch.int32), x.bfloat16().float().view(torch.int32))
+    assert torch.equal(mp.operand(x, "bf16").view(torch.int32), x.bfloat16().float().view(torch.int32))
 
 
 @pytest.mark.parametrize("precision", ["tf32", "bf16", "bf16x3"])
@@ -114,7 +114,7 @@ def test_prepared_operands_give_the_products_of_rounded_operands(precision):
 def test_nan_stays_nan_whatever_its_payload(precision):
     payloads = [0x7F800001, 0x7F800FFF, 0x7FC00000, 0xFF800001, 0x7FFFFFFF, 0x7F801000]
     x = torch.tensor([f32(b) for b in payloads], dtype=torch.float32)
-    assert torch.isnan(mp.round_to(x, precision)).all()
+    assert torch.isnan(mp.operand(x, precision)).all()
 
 
 def test_bf16x3_split_is_two_bf16_values_carrying_16_bits():
@@ -130,7 +130,7 @@ def test_products_are_exact_in_float32_for_rounded_operands():
     """What makes the CPU emulation exact: a product of two rounded operands has no rounding."""
     a, b = torch.randn(1000), torch.randn(1000)
     for precision in ("tf32", "bf16"):
-        ra, rb = mp.round_to(a, precision), mp.round_to(b, precision)
+        ra, rb = mp.operand(a, precision), mp.operand(b, precision)
         assert torch.equal((ra * rb).double(), ra.double() * rb.double())
 
 

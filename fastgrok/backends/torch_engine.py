@@ -122,33 +122,36 @@ def tables_forward(p: dict[str, Tensor], rows: TokenRows, row_index: tuple[Tenso
     return Tables(R_tab, K_tab, V_tab, q, S_tab)
 
 
-def _addmm(bias: Tensor, a: mp.Operand, b: mp.Operand) -> Tensor:
-    """bias + a @ b (batched) of prepared operands (``fastgrok.precision.operand``)."""
+def _terms(a: mp.Operand, b: mp.Operand) -> list[tuple[Tensor, Tensor]]:
+    """The products that make a @ b of prepared operands (``fastgrok.precision.operand``).
+    bf16x3 lists the small cross terms hi @ lo and lo @ hi before hi @ hi, so that they
+    are not lost under the large one."""
     if isinstance(a, tuple):
-        out = torch.baddbmm(bias, a[0], b[1])
-        _accumulate(out, a, b, cross_terms_done=True)
-        return out
-    return torch.baddbmm(bias, a, b)
+        return [(a[0], b[1]), (a[1], b[0]), (a[0], b[0])]
+    return [(a, b)]
+
+
+def _addmm(bias: Tensor, a: mp.Operand, b: mp.Operand) -> Tensor:
+    """bias + a @ b (batched) of prepared operands."""
+    (x, y), *rest = _terms(a, b)
+    out = torch.baddbmm(bias, x, y)
+    for x, y in rest:
+        out.baddbmm_(x, y)
+    return out
 
 
 def _mm(a: mp.Operand, b: mp.Operand) -> Tensor:
-    if isinstance(a, tuple):
-        out = torch.bmm(a[0], b[1])
-        _accumulate(out, a, b, cross_terms_done=True)
-        return out
-    return torch.bmm(a, b)
+    (x, y), *rest = _terms(a, b)
+    out = torch.bmm(x, y)
+    for x, y in rest:
+        out.baddbmm_(x, y)
+    return out
 
 
-def _accumulate(out: Tensor, a: mp.Operand, b: mp.Operand, cross_terms_done: bool = False) -> None:
-    """out += a @ b in place, of prepared operands. bf16x3 adds the small cross terms
-    hi @ lo and lo @ hi before hi @ hi, so they are not lost under the large one."""
-    if isinstance(a, tuple):
-        if not cross_terms_done:
-            out.baddbmm_(a[0], b[1])
-        out.baddbmm_(a[1], b[0])
-        out.baddbmm_(a[0], b[0])
-    else:
-        out.baddbmm_(a, b)
+def _accumulate(out: Tensor, a: mp.Operand, b: mp.Operand) -> None:
+    """out += a @ b in place, of prepared operands."""
+    for x, y in _terms(a, b):
+        out.baddbmm_(x, y)
 
 
 def weight_operands(p: dict[str, Tensor], precision: str) -> dict[str, mp.Operand]:
