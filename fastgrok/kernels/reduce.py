@@ -34,30 +34,34 @@ from fastgrok.kernels.layout import Layout, Workspace, launch_options
 @triton.jit
 def _row_sums(m, elems, mask_e, order_ptr, start_ptr, dz_ptr, co_ptr, dV_ptr, dS_ptr, first_row, stride_data,
               max_row_count, CO_A: tl.constexpr, CO_DS: tl.constexpr, N_ELEM: tl.constexpr, H: tl.constexpr,
-              Dh: tl.constexpr, R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_HD: tl.constexpr,
-              BLOCK_H: tl.constexpr):
-    """dV and dS of rows first_row + elems: the model's examples of each element, in order."""
+              Dh: tl.constexpr, R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
+              BLOCK_DH: tl.constexpr):
+    """dV and dS of rows first_row + elems: the model's examples of each element, in order.
+    Per example one (H,) load of each coefficient, broadcast over the head's Dh lanes."""
     HD: tl.constexpr = H * Dh
     begin = tl.load(start_ptr + m * (N_ELEM + 1) + elems, mask=mask_e, other=0)
     count = tl.load(start_ptr + m * (N_ELEM + 1) + elems + 1, mask=mask_e, other=0) - begin
-    cols = tl.arange(0, BLOCK_HD)
-    mask_c = cols < HD
     heads = tl.arange(0, BLOCK_H)
     mask_h = heads < H
-    dV = tl.zeros((BLOCK_E, BLOCK_HD), tl.float32)
+    lanes = tl.arange(0, BLOCK_DH)
+    cols = heads[:, None] * Dh + lanes[None, :]                               # (BLOCK_H, BLOCK_DH)
+    mask_c = mask_h[:, None] & (lanes < Dh)[None, :]
+    dV = tl.zeros((BLOCK_E, BLOCK_H, BLOCK_DH), tl.float32)
     dS = tl.zeros((BLOCK_E, BLOCK_H), tl.float32)
     for j in range(0, max_row_count):
         valid = j < count
         ex = m * stride_data + tl.load(order_ptr + m * stride_data + begin + j, mask=valid, other=0)
-        mask_ec = valid[:, None] & mask_c[None, :]
-        a = tl.load(co_ptr + ex[:, None] * (4 * H) + CO_A * H + (cols // Dh)[None, :], mask=mask_ec, other=0.0)
-        dz = tl.load(dz_ptr + ex[:, None] * HD + cols[None, :], mask=mask_ec, other=0.0)
-        dV = tl.where(valid[:, None], dV + a * dz, dV)
-        ds = tl.load(co_ptr + ex[:, None] * (4 * H) + CO_DS * H + heads[None, :],
-                     mask=valid[:, None] & mask_h[None, :], other=0.0)
+        mask_eh = valid[:, None] & mask_h[None, :]
+        co = co_ptr + ex[:, None] * (4 * H) + heads[None, :]
+        a = tl.load(co + CO_A * H, mask=mask_eh, other=0.0)
+        ds = tl.load(co + CO_DS * H, mask=mask_eh, other=0.0)
+        dz = tl.load(dz_ptr + ex[:, None, None] * HD + cols[None, :, :], mask=valid[:, None, None] & mask_c[None, :, :],
+                     other=0.0)
+        dV = tl.where(valid[:, None, None], dV + a[:, :, None] * dz, dV)
         dS = tl.where(valid[:, None], dS + ds, dS)
     rows = first_row + elems
-    tl.store(dV_ptr + m * (R * HD) + rows[:, None] * HD + cols[None, :], dV, mask=mask_e[:, None] & mask_c[None, :])
+    tl.store(dV_ptr + m * (R * HD) + rows[:, None, None] * HD + cols[None, :, :], dV,
+             mask=mask_e[:, None, None] & mask_c[None, :, :])
     tl.store(dS_ptr + m * (R * H) + rows[:, None] * H + heads[None, :], dS, mask=mask_e[:, None] & mask_h[None, :])
 
 
@@ -69,7 +73,7 @@ def reduce_kernel(
     FIRST_Y_ROW: tl.constexpr, EQ_ROW: tl.constexpr, N_ELEM: tl.constexpr, OFF_W_O: tl.constexpr, P: tl.constexpr,
     TAIL_DC: tl.constexpr, TAIL_DV_OP: tl.constexpr, TAIL_DV_EQ: tl.constexpr, TAIL_DS_OP: tl.constexpr,
     TAIL_DS_EQ: tl.constexpr, TAIL_LOSS: tl.constexpr, TAIL_CHECK: tl.constexpr, PARTIAL: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK: tl.constexpr,
 ):
     HD: tl.constexpr = H * Dh
     NB: tl.constexpr = (N_ELEM + BLOCK_E - 1) // BLOCK_E
@@ -79,9 +83,9 @@ def reduce_kernel(
         elems = blk * BLOCK_E + tl.arange(0, BLOCK_E)
         mask_e = elems < N_ELEM
         _row_sums(m, elems, mask_e, order_x_ptr, start_x_ptr, dz_ptr, co_ptr, dV_ptr, dS_ptr, 0, stride_data,
-                  max_row_count, 0, 2, N_ELEM, H, Dh, R, BLOCK_E, BLOCK_HD, BLOCK_H)
+                  max_row_count, 0, 2, N_ELEM, H, Dh, R, BLOCK_E, BLOCK_H, BLOCK_DH)
         _row_sums(m, elems, mask_e, order_y_ptr, start_y_ptr, dz_ptr, co_ptr, dV_ptr, dS_ptr, FIRST_Y_ROW,
-                  stride_data, max_row_count, 1, 3, N_ELEM, H, Dh, R, BLOCK_E, BLOCK_HD, BLOCK_H)
+                  stride_data, max_row_count, 1, 3, N_ELEM, H, Dh, R, BLOCK_E, BLOCK_H, BLOCK_DH)
     else:
         c = (blk - NB) * BLOCK + tl.arange(0, BLOCK)
         mask = c < PARTIAL
@@ -120,7 +124,7 @@ def reduce_args(layout: Layout, grads: Tensor, ws: Workspace, tiles: Tiles, stri
         max_row_count=tiles.max_row_count, D=layout.D, H=layout.H, Dh=layout.Dh,
         **layout.row_args("R", "OP_ROW", "FIRST_Y_ROW", "EQ_ROW"), N_ELEM=n, **layout.offset_args("W_O"),
         **layout.tail, PARTIAL=layout.partial_len, BLOCK_E=block_e,
-        BLOCK_HD=triton.next_power_of_2(layout.H * layout.Dh), BLOCK_H=triton.next_power_of_2(layout.H),
+        BLOCK_H=triton.next_power_of_2(layout.H), BLOCK_DH=triton.next_power_of_2(layout.Dh),
         BLOCK=block, **launch_options("reduce", "fp32", arch),
     )
 
