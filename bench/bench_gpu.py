@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=int, nargs="+", default=[200], help="population sizes M")
     parser.add_argument("--sizes", default="1500:2050", help="lo:hi training-set sizes, evenly spaced over models")
     parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
-    parser.add_argument("--block-n", type=int, default=64)
+    parser.add_argument("--block-n", type=int, default=None,
+                        help="examples per tile of the triton backend (default: the precision's)")
     parser.add_argument("--cuda-graph", action="store_true")
     parser.add_argument("--steps", type=int, default=20, help="steps per timed run")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs (p20/p50/p80 over them)")
@@ -127,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     for M in args.models:
         sizes = np.linspace(lo, hi, M).round().astype(int)
         runs = [RunSpec(train_size=int(d), data_seed=m, init_seed=m) for m, d in enumerate(sizes)]
-        flops_per_step = sum(model_step(L, int(d), args.block_n)[0] for d in sizes)
+        # Useful FLOPs: the training examples' and the tables', no padding to tiles.
+        flops_per_step = sum(model_step(L, int(d), 1)[0] for d in sizes)
         config = f"{args.preset} M={M} D={lo}:{hi} block_n={args.block_n} graph={args.cuda_graph}"
         baseline = None
         for _, provider, mode in [p for p in plan(args) if p[0] == M]:

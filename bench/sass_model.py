@@ -95,7 +95,7 @@ from fastgrok.kernels import reduce as _reduce, tables_forward as _tables_forwar
 
 adamw_args, adamw_kernel = _adamw.adamw_args, _adamw.adamw_kernel
 Tiles, examples_args, examples_kernel = _examples.Tiles, _examples.examples_args, _examples.examples_kernel
-scratch_floats = _examples.scratch_floats
+allocate_scratch = _examples.allocate_scratch
 PRECISIONS, Layout, Workspace = _layout.PRECISIONS, _layout.Layout, _layout.Workspace
 tables_forward_args, tables_forward_kernel = _tables_forward.tables_forward_args, _tables_forward.tables_forward_kernel
 reduce_args, reduce_kernel = _reduce.reduce_args, _reduce.reduce_kernel
@@ -911,15 +911,15 @@ def step_launches(cfg, precision: str, arch: int, M: int, D: int, programs: int,
     params = torch.empty(M, L.P, device=meta)
     i = torch.arange(D)
     x, y = (i % n).expand(M, D), (i // n % n).expand(M, D)
-    tiles = Tiles.build(np.full(M, D), x, y, n, options.block_n, options.group_tiles, "cpu")
-    ws = Workspace.allocate(L, M, D, tiles.count, meta)
+    t = options.for_precision(precision, arch)
+    tiles = Tiles.build(np.full(M, D), x, y, n, t["block_n"], t["group_tiles"], "cpu")
+    ws = Workspace.allocate(L, M, D, tiles.count, meta, precision=precision)
     data = torch.empty(M, D, dtype=torch.int64, device=meta)
-    scratch = torch.empty(min(programs, tiles.count), scratch_floats(L, options.block_n), device=meta)
+    scratch = allocate_scratch(L, min(programs, tiles.count), precision, t["block_n"], meta)
     lr = torch.empty(M, dtype=torch.float64, device=meta)
-    g1, tf = tables_forward_args(L, params, ws, block_k=options.block_k, arch=arch)
+    g1, tf = tables_forward_args(L, params, ws, precision, block_k=t["block_k"], arch=arch)
     g2, ex = examples_args(L, params, ws, scratch, data, data, data, torch.empty(M, D, device=meta), tiles,
-                           precision, block_n=options.block_n, block_c=options.block_c, block_k=options.block_k,
-                           group_tiles=options.group_tiles, arch=arch)
+                           precision, arch=arch, **t)
     g3, rd = reduce_args(L, params, ws, tiles, D, arch=arch)
     g4, ad = adamw_args(L, params, params, params, params, lr, lr, torch.empty(M, dtype=torch.int32, device=meta),
                         torch.empty(4, dtype=torch.float64, device=meta), ws, (0.9, 0.98), 1e-8, arch=arch)
@@ -942,18 +942,26 @@ def expected_matmul_flops(name: str, kw: dict, grid: tuple, L: Layout) -> int:
         per_program = H * 2 * kw["BLOCK_R"] * BDH * _pad(D, kw["BLOCK_K"])
         return 2 * per_program * int(np.prod(grid))
     if name == "examples_kernel":
-        N, C, K = kw["BLOCK_N"], kw["BLOCK_C"], kw["BLOCK_K"]
+        N, C, K, BD, DC = kw["BLOCK_N"], kw["BLOCK_C"], kw["BLOCK_K"], kw["BLOCK_D"], kw["BLOCK_DC"]
 
-        def out(J, Kd):     # (BLOCK_N, J) = (BLOCK_N, Kd) @ (Kd, J), J in chunks of BLOCK_C, Kd of BLOCK_K
-            return N * _pad(J, C) * _pad(Kd, K)
+        def out(J, Kd, BJ=C):   # (BLOCK_N, J) = (BLOCK_N, Kd) @ (Kd, J), J in chunks of BJ, Kd of BLOCK_K
+            return N * _pad(J, BJ) * _pad(Kd, K)
 
-        def wgrad(I, J):    # (I, J) = A^T B over the tile's BLOCK_N examples, BLOCK_C x BLOCK_C chunks
-            return _pad(I, C) * _pad(J, C) * _pad(N, K)
+        def wgrad(I, J, BI, BJ):  # (I, J) = A^T B over the tile's BLOCK_N examples, BI x BJ chunks
+            return _pad(I, BI) * _pad(J, BJ) * _pad(N, K)
 
-        per_tile = (out(D, HD) + out(F, D) + out(D, F) + 2 * out(V, D)      # resid_mid, hidden, resid_fin, 2x logits
-                    + wgrad(D, V) + out(D, V) + wgrad(F, D) + out(F, D)      # dW_U, dresid, dW_out, dpre
-                    + wgrad(D, F) + out(D, F) + wgrad(HD, D)                 # dW_in, d resid_mid, dW_O
-                    + H * N * BDH * _pad(D, K))                              # dz, per head
+        if kw["FUSED_MLP"]:     # BLOCK_C hidden units at a time against the whole residual width BLOCK_D
+            FC = _pad(F, C)
+            mlp = (2 * N * FC * BD                                      # hidden, resid_fin
+                   + 5 * N * FC * BD)                                   # hidden again, dhidden, dW_out, dW_in,
+                                                                        # d resid_mid
+        else:                   # chained products, BLOCK_C columns at a time
+            mlp = (out(F, D) + out(D, F)                                # hidden, resid_fin
+                   + wgrad(F, D, C, C) + out(F, D) + wgrad(D, F, C, C) + out(D, F))  # dW_out, dpre, dW_in, d resid_mid
+        per_tile = (out(D, HD, DC) + mlp + 2 * out(V, D)                # resid_mid, MLP, 2x logits
+                    + wgrad(D, V, DC, C) + out(D, V, DC)                # dW_U, dresid
+                    + wgrad(HD, D, DC, DC)                              # dW_O
+                    + H * N * BDH * _pad(D, K))                         # dz, per head
         # every tile slot of every group, as the SASS count takes the data-dependent
         # ``if start < size`` (exact when D is a multiple of BLOCK_N x GROUP_TILES)
         return 2 * per_tile * kw["n_groups"] * kw["GROUP_TILES"]
@@ -1098,7 +1106,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="all", choices=list(PRECISIONS) + ["all"])
     parser.add_argument("--loops", action="store_true", help="also print each kernel's SASS loops and trip counts")
     parser.add_argument("--csv", help="write every figure as a long-format CSV row to this file")
+    parser.add_argument("--tiling", default="",
+                        help="the example kernel's tiles, e.g. block_n=128,block_c=32,stage_tiles=0 "
+                             "(default: the precision's, fastgrok.kernels.examples.TILINGS)")
     args = parser.parse_args(argv)
+    try:
+        tiling = {k: (v == "1") if k == "stage_tiles" else int(v)
+                  for k, v in (item.split("=") for item in args.tiling.split(",") if item)}
+        options = Options(**tiling)
+    except (ValueError, TypeError) as e:
+        parser.error(f"--tiling {args.tiling!r}: {e} (keys: block_n, block_c, block_k, group_tiles, stage_tiles=0|1)")
     cfg = get_preset(args.preset).model
     layout = Layout.from_config(cfg)
     M, D = args.models, args.train_size
@@ -1122,7 +1139,7 @@ def main(argv: list[str] | None = None) -> int:
     for arch in archs:
         for precision in precisions:
             start = time.perf_counter()
-            launches = step_launches(cfg, precision, arch, M, D, programs=GPUS[arch][0].sms)
+            launches = step_launches(cfg, precision, arch, M, D, programs=GPUS[arch][0].sms, options=options)
             models = [(analyze(fn, kw, grid, arch), kw) for fn, grid, kw in launches]
             print(f"\n== sm_{arch} {precision} (compiled and counted in {time.perf_counter() - start:.0f} s)")
             for model, kw in models:

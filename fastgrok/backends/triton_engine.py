@@ -38,11 +38,13 @@ Options, the constructor's arguments:
 
 * cuda_graph: capture the four launches in a CUDA graph once the kernels
   are compiled and replay it every step.
-* block_n, block_c, block_k, group_tiles, programs: tiles of the example
-  kernel, tiles per group (one program and one partial row per group: more
-  tiles per group is less memory, 4 (P - offset of W_O) bytes per group, and
-  fewer work items), and its persistent grid (the defaults compile without
-  spills on sm_80 and sm_90; bench/triton_resources.py).
+* block_n, block_c, block_k, group_tiles, stage_tiles, programs: tiles of
+  the example kernel, tiles per group (one program and one partial row per
+  group: more tiles per group is less memory, 4 (P - offset of W_O) bytes per
+  group, and fewer work items), whether a tile's operands are held on chip
+  across the MLP's chunks, and its persistent grid. None (the default) takes
+  the precision's tiles, fastgrok.kernels.examples.TILINGS, which compile
+  without spills on sm_80 and sm_90 (bench/triton_resources.py).
 * self_check: compare the first step with the torch backend (above).
 
 A backend object belongs to one population. It keeps that population's
@@ -65,7 +67,7 @@ from torch import Tensor
 
 from fastgrok.backends.torch_engine import TorchBackend
 from fastgrok.kernels.adamw import adamw_launch, step_scalars
-from fastgrok.kernels.examples import Tiles, examples_launch, scratch_floats
+from fastgrok.kernels.examples import Tiles, allocate_scratch, examples_launch, tiling as example_tiling
 from fastgrok.kernels.layout import DEFAULT_PRECISION, PRECISIONS, Layout, Workspace
 from fastgrok.kernels.reduce import reduce_launch
 from fastgrok.kernels.tables_backward import tables_backward_launch
@@ -83,18 +85,20 @@ SELF_CHECK_BOUND = {"fp32": 1e-4, "bf16x3": 2e-4, "tf32": 5e-3, "bf16": 4e-2}
 @dataclass(frozen=True)
 class Options:
     """cuda_graph, self_check: see the module docstring. block_n examples per tile,
-    block_c and block_k the output-column and reduction chunks of the example
-    kernel's matmuls, group_tiles tiles per group, programs the size of its
-    persistent grid (None: one per SM, as many as fit at 255 registers per
-    thread; 4 without a GPU)."""
+    block_c the hidden-unit and logit chunk and block_k the reduction chunk of the
+    example kernel's matmuls, group_tiles tiles per group, stage_tiles (see the
+    module docstring); None: the precision's (``for_precision``). programs: the
+    size of its persistent grid (None: one per SM, as many as fit at 255 registers
+    per thread; 4 without a GPU)."""
 
     cuda_graph: bool = False
-    block_n: int = 64
-    block_c: int = 32
-    block_k: int = 32
-    group_tiles: int = 8
+    block_n: int | None = None
+    block_c: int | None = None
+    block_k: int | None = None
+    group_tiles: int | None = None
     programs: int | None = None
     self_check: bool = True
+    stage_tiles: bool | None = None
 
     def __post_init__(self):
         for name in ("cuda_graph", "self_check"):
@@ -102,12 +106,20 @@ class Options:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be True or False")
         if self.programs is not None and (not isinstance(self.programs, int) or self.programs < 1):
             raise ValueError(f"programs={self.programs!r}: must be an integer >= 1 (or None for one per SM)")
-        if not isinstance(self.group_tiles, int) or self.group_tiles < 1:
-            raise ValueError(f"group_tiles={self.group_tiles!r}: must be an integer >= 1")
+        if self.group_tiles is not None and (not isinstance(self.group_tiles, int) or self.group_tiles < 1):
+            raise ValueError(f"group_tiles={self.group_tiles!r}: must be an integer >= 1 (or None)")
+        if self.stage_tiles is not None and not isinstance(self.stage_tiles, bool):
+            raise ValueError(f"stage_tiles={self.stage_tiles!r}: must be True, False or None")
         for name in ("block_n", "block_c", "block_k"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 16 or value & (value - 1):
-                raise ValueError(f"{name}={value!r}: must be a power of two >= 16 (tl.dot's minimum)")
+            if value is not None and (not isinstance(value, int) or value < 16 or value & (value - 1)):
+                raise ValueError(f"{name}={value!r}: must be a power of two >= 16 (tl.dot's minimum), or None")
+
+    def for_precision(self, precision: str, arch: int) -> dict:
+        """The example kernel's tiles at ``precision`` on compute capability ``arch`` (x10): these
+        options where set, else the defaults."""
+        return example_tiling(precision, arch, block_n=self.block_n, block_c=self.block_c, block_k=self.block_k,
+                              group_tiles=self.group_tiles, stage_tiles=self.stage_tiles)
 
 
 def _key(state) -> tuple:
@@ -136,18 +148,20 @@ class _DeviceState:
         if options.cuda_graph and dev.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device; the population is on {dev}")
         self.key = _key(state)
-        self.tiles = Tiles.build(state.train_size, state.train_x, state.train_y, state.rows.n, options.block_n,
-                                 options.group_tiles, dev)
-        self.ws = Workspace.allocate(self.layout, state.M, state.train_x.shape[1], self.tiles.count, dev)
+        major, minor = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else (9, 0)
+        self.arch = 10 * major + minor
+        self.tiling = options.for_precision(state.precision, self.arch)
+        self.tiles = Tiles.build(state.train_size, state.train_x, state.train_y, state.rows.n,
+                                 self.tiling["block_n"], self.tiling["group_tiles"], dev)
+        self.ws = Workspace.allocate(self.layout, state.M, state.train_x.shape[1], self.tiles.count, dev,
+                                     precision=state.precision)
         programs = options.programs
         if programs is None:
             programs = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
-        major, minor = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else (9, 0)
-        self.arch = 10 * major + minor
-        # One scratch row per program: the activations of the tile it works on,
-        # 39 MB in total on an H100 at the paper config, so that it stays in L2.
-        self.scratch = torch.empty(min(programs, self.tiles.count), scratch_floats(self.layout, options.block_n),
-                                   device=dev)
+        # One scratch row per program: the activations of the tile it works on as
+        # matmul operands (bf16 in bf16), plus an fp32 row, so that it stays in L2.
+        self.scratch = allocate_scratch(self.layout, min(programs, self.tiles.count), state.precision,
+                                        self.tiling["block_n"], dev)
         self.hyper = torch.zeros(4, dtype=torch.float64, device=dev)
         # Copies (torch.tensor), never views of the host arrays: on the CPU too,
         # host changes must go through upload_host_changes as they do on a GPU.
@@ -171,11 +185,11 @@ class _DeviceState:
 
     def launch_gradients(self, state) -> None:
         """Launches 1-3: loss, the gradients of W_O..W_U and the summed row-table gradients."""
-        o, L, ws = self.options, self.layout, self.ws
-        tables_forward_launch(L, state.flat_params, ws, block_k=o.block_k, arch=self.arch)
+        L, ws = self.layout, self.ws
+        tables_forward_launch(L, state.flat_params, ws, state.precision, block_k=self.tiling["block_k"],
+                              arch=self.arch)
         examples_launch(L, state.flat_params, ws, self.scratch, state.train_x, state.train_y, state.train_labels,
-                        state.train_weight, self.tiles, state.precision, block_n=o.block_n, block_c=o.block_c,
-                        block_k=o.block_k, group_tiles=o.group_tiles, arch=self.arch)
+                        state.train_weight, self.tiles, state.precision, arch=self.arch, **self.tiling)
         reduce_launch(L, state.flat_grads, ws, self.tiles, state.train_x.shape[1], arch=self.arch)
 
     def launch_step(self, state) -> None:
@@ -237,9 +251,10 @@ class TritonBackend:
     precisions = PRECISIONS
     default_precision = DEFAULT_PRECISION
 
-    def __init__(self, cuda_graph: bool = False, block_n: int = 64, block_c: int = 32, block_k: int = 32,
-                 group_tiles: int = 8, programs: int | None = None, self_check: bool = True):
-        self.options = Options(cuda_graph, block_n, block_c, block_k, group_tiles, programs, self_check)
+    def __init__(self, cuda_graph: bool = False, block_n: int | None = None, block_c: int | None = None,
+                 block_k: int | None = None, group_tiles: int | None = None, programs: int | None = None,
+                 self_check: bool = True, stage_tiles: bool | None = None):
+        self.options = Options(cuda_graph, block_n, block_c, block_k, group_tiles, programs, self_check, stage_tiles)
         self._device_state: _DeviceState | None = None
         self._torch = TorchBackend()
         self._checked = not self_check

@@ -29,7 +29,7 @@ from triton.backends.compiler import GPUTarget
 
 from fastgrok.config import ModelConfig
 from fastgrok.kernels.adamw import adamw_args, adamw_kernel
-from fastgrok.kernels.examples import Tiles, examples_args, examples_kernel, scratch_floats
+from fastgrok.kernels.examples import Tiles, allocate_scratch, examples_args, examples_kernel, tiling as example_tiling
 from fastgrok.kernels.layout import Layout, Workspace
 from fastgrok.kernels.reduce import reduce_args, reduce_kernel
 from fastgrok.kernels.tables_backward import tables_backward_args, tables_backward_kernel
@@ -39,7 +39,8 @@ from fastgrok.kernels.tables_forward import tables_forward_args, tables_forward_
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 LAUNCHES_PER_STEP = 4
 
-_TYPES = {torch.float32: "*fp32", torch.float64: "*fp64", torch.int64: "*i64", torch.int32: "*i32"}
+_TYPES = {torch.float32: "*fp32", torch.float64: "*fp64", torch.bfloat16: "*bf16", torch.int64: "*i64",
+          torch.int32: "*i32"}
 
 
 @dataclass(frozen=True)
@@ -128,18 +129,20 @@ def compile_kernel(fn, kwargs: dict, arch: int) -> tuple[object, Resources]:
 def step_launches(cfg: ModelConfig, precision: str, arch: int, **tiling) -> list[tuple[object, dict]]:
     """(kernel, launch keyword arguments) of the four launches of one step at ``cfg``.
 
-    tiling: the example kernel's block_n, block_c, block_k, group_tiles (launcher defaults otherwise).
+    tiling: the example kernel's block_n, block_c, block_k, group_tiles, stage_tiles (the precision's
+    defaults, fastgrok.kernels.examples.TILINGS, otherwise).
     """
     layout = Layout.from_config(cfg)
+    tiles_of = example_tiling(precision, arch, **tiling)
     M, N = 2, 64
     params = torch.zeros(M, layout.P)
     data = torch.zeros(M, N, dtype=torch.int64)
-    tiles = Tiles.build(np.full(M, N), data, data, layout.rows.n, tiling.get("block_n", 64),
-                        tiling.get("group_tiles", 8), "cpu")
-    ws = Workspace.allocate(layout, M, N, tiles.count, "cpu")
+    tiles = Tiles.build(np.full(M, N), data, data, layout.rows.n, tiles_of["block_n"],
+                        tiles_of["group_tiles"], "cpu")
+    ws = Workspace.allocate(layout, M, N, tiles.count, "cpu", precision=precision)
     lr = torch.zeros(M, dtype=torch.float64)
-    scratch = torch.zeros(2, scratch_floats(layout, tiling.get("block_n", 64)))
-    _, tf = tables_forward_args(layout, params, ws, arch=arch)
+    scratch = allocate_scratch(layout, 2, precision, tiles_of["block_n"], "cpu")
+    _, tf = tables_forward_args(layout, params, ws, precision, arch=arch)
     _, ex = examples_args(layout, params, ws, scratch, data, data, data, torch.zeros(M, N), tiles, precision,
                           arch=arch, **tiling)
     _, rd = reduce_args(layout, params, ws, tiles, N, arch=arch)

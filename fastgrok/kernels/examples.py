@@ -26,15 +26,29 @@ wrong-class mass when the label is the argmax, the label's gradient
 and rescaled wrong-class mass, then the gradient; the logits are computed
 twice, +3% FLOPs), scaled by the example's weight 1/D_m, and the backward pass.
 
-Every matmul is a chain link (fastgrok.kernels.layout.gemm): an output chunk of
-BLOCK_C columns at a time, its operands streamed from memory BLOCK_K at a
-time. The tile's activations (z, resid_mid, hidden then dpre, resid_fin then
-dresid, dlogits, d resid_mid: BLOCK_N x 1152 floats at the paper config,
-295 KB at BLOCK_N = 64) live in the program's own scratch row, written once
-and re-read by the next links; with one program per SM the scratch totals
-39 MB on an H100, so it stays in L2. No operand exceeds (64, 32) fp32, which
-is what keeps the kernel within 255 registers: Triton holds a dot's operands
-in registers, and an activation as a whole (BLOCK_N, 512) operand would spill.
+The tile's activations live in the program's own scratch row (written once,
+re-read by the next products; with one program per SM it stays in L2), stored
+as matmul operands (``fastgrok.kernels.layout.to_operand``: rounded once where
+written, bf16 storage for bf16), plus one fp32 row for the residual terms
+(resid_mid for resid_fin, dresid for d resid_mid). The weights come from launch
+1's per-step operand copy (``Workspace.weights``), so no operand is rounded
+where it is multiplied except those made in registers. The residual-stream
+products (z W_O, dlogits W_U^T) and the weight gradients take BLOCK_DC output
+columns at a time, their operands streamed BLOCK_K at a time
+(fastgrok.kernels.layout.gemm). The MLP comes in two variants (FUSED_MLP, per
+precision in ``TILINGS``; Triton holds a dot's accumulator and register
+operands in registers, 255 per thread, so what fits differs):
+
+* fused: BLOCK_C hidden units at a time against the whole residual width
+  (BLOCK_D): a chunk of hidden is computed, relu'd and multiplied by W_out's
+  chunk into the resid_fin accumulator without leaving the chip; the backward
+  recomputes it (+13% FLOPs) and per chunk forms dpre, dW_out, dW_in, db_in
+  and adds dpre W_in^T into the d resid_mid accumulator. STAGE_TILES keeps the
+  tile's resid_mid and dresid operands in shared memory across the chunks
+  instead of re-reading them (room enough with bf16's 2-byte operands).
+* chained: hidden, then dpre, stored in scratch, every product a chain link
+  of BLOCK_C output columns (the fp32-class and tf32 operands are too wide for
+  the fused accumulators beside them).
 
 Sums without atomics: the gradients of W_O, W_in, b_in, W_out, b_out, W_U,
 the last position's dc, the op and '=' rows' dV and dS, the loss and the
@@ -78,7 +92,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastgrok.backends.torch_engine import TableGrads, examples_backward, examples_forward, tables_forward
-from fastgrok.kernels.layout import Layout, Workspace, gemm, launch_options
+from fastgrok.kernels.layout import ARCHS, Layout, Workspace, gemm, launch_options, mma, operand_dtype, to_operand
 from fastgrok.layout import PARAM_NAMES, TokenRows
 from fastgrok.model import stable_cross_entropy_fwd_bwd
 
@@ -174,18 +188,19 @@ def _add_into(ptr, value, mask, accumulate):
 
 
 @triton.jit
-def _weight_grad(checksum, g_ptr, a_ptr, b_ptr, I: tl.constexpr, J: tl.constexpr, chunk, accumulate,
-                 BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+def _weight_grad(checksum, g_ptr, a_ptr, b_ptr, I: tl.constexpr, J: tl.constexpr, BLOCK_I: tl.constexpr,
+                 BLOCK_J: tl.constexpr, accumulate, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """g[I, J] += A^T B over the tile's examples, A (BLOCK_N, I) and B (BLOCK_N, J)
-    row-major in scratch, in BLOCK_C x BLOCK_C chunks; returns the checksum plus their sum."""
-    for i0 in range(0, I, BLOCK_C):
-        offs_i = i0 + chunk
+    row-major in scratch, in BLOCK_I x BLOCK_J chunks; returns the checksum plus their sum."""
+    for i0 in range(0, I, BLOCK_I):
+        offs_i = i0 + tl.arange(0, BLOCK_I)
         mask_i = offs_i < I
-        for j0 in range(0, J, BLOCK_C):
-            offs_j = j0 + chunk
+        for j0 in range(0, J, BLOCK_J):
+            offs_j = j0 + tl.arange(0, BLOCK_J)
             mask_j = offs_j < J
-            acc = gemm(tl.zeros((BLOCK_C, BLOCK_C), tl.float32), a_ptr, 1, I, offs_i, mask_i,
-                       b_ptr, J, 1, offs_j, mask_j, BLOCK_N, BLOCK_K, PRECISION)
+            acc = gemm(tl.zeros((BLOCK_I, BLOCK_J), tl.float32), a_ptr, 1, I, offs_i, mask_i,
+                       b_ptr, J, 1, offs_j, mask_j, BLOCK_N, BLOCK_K, PRECISION, True, True)
             _add_into(g_ptr + offs_i[:, None] * J + offs_j[None, :], acc, mask_i[:, None] & mask_j[None, :],
                       accumulate)
             checksum += tl.sum(tl.sum(acc, axis=1), axis=0)
@@ -193,8 +208,172 @@ def _weight_grad(checksum, g_ptr, a_ptr, b_ptr, I: tl.constexpr, J: tl.constexpr
 
 
 @triton.jit
+def _hidden_chunk(resid_mid, p, wt, cols_d, mask_d, offs_f, mask_f, D: tl.constexpr, F: tl.constexpr,
+                  OFF_W_in: tl.constexpr, OFF_b_in: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """relu(resid_mid W_in + b_in) for hidden units offs_f, resid_mid (BLOCK_N, BLOCK_D) as
+    stored (``to_operand``); a NaN stays NaN, as in torch.relu. The forward and the
+    backward pass compute it with the same instructions, so the backward's mask
+    (hidden > 0) is the forward's."""
+    b_in = tl.load(p + OFF_b_in + offs_f, mask=mask_f, other=0.0)
+    w_in = tl.load(wt + OFF_W_in + cols_d[:, None] * F + offs_f[None, :], mask=mask_d[:, None] & mask_f[None, :],
+                   other=0.0)
+    pre = mma(resid_mid, w_in, tl.zeros((BLOCK_N, BLOCK_C), tl.float32) + b_in[None, :],
+              PRECISION, True, True)
+    return _max_nan(pre, 0.0)
+
+
+@triton.jit
+def _mlp_forward_fused(p, wt, scratch, residual, rows, chunk, cols_d, mask_d, D: tl.constexpr, F: tl.constexpr,
+                       OFF_W_in: tl.constexpr, OFF_b_in: tl.constexpr, OFF_W_out: tl.constexpr,
+                       OFF_b_out: tl.constexpr, RM: tl.constexpr, RF: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_C: tl.constexpr, STAGE_TILES: tl.constexpr, PRECISION: tl.constexpr):
+    """resid_fin into scratch RF, BLOCK_C hidden units at a time: a chunk of hidden is
+    the next product's operand straight from registers and never leaves the chip (the
+    backward pass recomputes it); the residual-width accumulator, in registers, starts
+    at resid_mid (fp32, from ``residual``)."""
+    acc = (tl.load(residual + rows[:, None] * D + cols_d[None, :], mask=mask_d[None, :], other=0.0)
+           + tl.load(p + OFF_b_out + cols_d, mask=mask_d, other=0.0)[None, :])
+    resid_mid_ptrs = scratch + RM + rows[:, None] * D + cols_d[None, :]
+    if STAGE_TILES:
+        resid_mid_staged = tl.load(resid_mid_ptrs, mask=mask_d[None, :], other=0.0)
+    for f0 in tl.range(0, F, BLOCK_C, disable_licm=not STAGE_TILES):
+        offs_f = f0 + chunk
+        mask_f = offs_f < F
+        if STAGE_TILES:
+            resid_mid_op = resid_mid_staged
+        else:
+            resid_mid_op = tl.load(resid_mid_ptrs, mask=mask_d[None, :], other=0.0)
+        hidden = _hidden_chunk(resid_mid_op, p, wt, cols_d, mask_d, offs_f, mask_f, D, F, OFF_W_in, OFF_b_in,
+                               BLOCK_N, BLOCK_C, PRECISION)
+        w_out = tl.load(wt + OFF_W_out + offs_f[:, None] * D + cols_d[None, :], mask=mask_f[:, None] & mask_d[None, :],
+                        other=0.0)
+        acc = mma(hidden, w_out, acc, PRECISION, False, True)
+    tl.store(scratch + RF + rows[:, None] * D + cols_d[None, :], to_operand(acc, PRECISION), mask=mask_d[None, :])
+
+
+@triton.jit
+def _mlp_forward_chained(p, wt, scratch, residual, rows, all_rows, chunk, D: tl.constexpr, F: tl.constexpr,
+                         OFF_W_in: tl.constexpr, OFF_b_in: tl.constexpr, OFF_W_out: tl.constexpr,
+                         OFF_b_out: tl.constexpr, RM: tl.constexpr, RF: tl.constexpr, HID: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """resid_fin into scratch RF as two chained products, BLOCK_C output columns at a
+    time, hidden stored (as an operand) in scratch HID; resid_mid (fp32) from ``residual``."""
+    for f0 in range(0, F, BLOCK_C):
+        offs_f = f0 + chunk
+        mask_f = offs_f < F
+        b_in = tl.load(p + OFF_b_in + offs_f, mask=mask_f, other=0.0)
+        pre = gemm(tl.zeros((BLOCK_N, BLOCK_C), tl.float32) + b_in[None, :], scratch + RM, D, 1, rows, all_rows,
+                   wt + OFF_W_in, F, 1, offs_f, mask_f, D, BLOCK_K, PRECISION, True, True)
+        tl.store(scratch + HID + rows[:, None] * F + offs_f[None, :], to_operand(_max_nan(pre, 0.0), PRECISION),
+                 mask=mask_f[None, :])
+    tl.debug_barrier()
+    for j0 in range(0, D, BLOCK_C):
+        offs_j = j0 + chunk
+        mask_j = offs_j < D
+        acc = (tl.load(residual + rows[:, None] * D + offs_j[None, :], mask=mask_j[None, :], other=0.0)
+               + tl.load(p + OFF_b_out + offs_j, mask=mask_j, other=0.0)[None, :])
+        acc = gemm(acc, scratch + HID, F, 1, rows, all_rows, wt + OFF_W_out, D, 1, offs_j, mask_j, F, BLOCK_K,
+                   PRECISION, True, True)
+        tl.store(scratch + RF + rows[:, None] * D + offs_j[None, :], to_operand(acc, PRECISION), mask=mask_j[None, :])
+
+
+@triton.jit
+def _mlp_backward_fused(checksum, p, wt, g, part, scratch, residual, rows, chunk, cols_d, mask_d, accumulate,
+                        D: tl.constexpr, F: tl.constexpr, OFF_W_in: tl.constexpr, OFF_b_in: tl.constexpr,
+                        OFF_W_out: tl.constexpr, RM: tl.constexpr, RF: tl.constexpr, DRM: tl.constexpr,
+                        TAIL_DC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+                        STAGE_TILES: tl.constexpr, PRECISION: tl.constexpr):
+    """d resid_mid into scratch DRM, BLOCK_C hidden units at a time with hidden recomputed:
+    dpre = (dresid W_out^T) where the pre-activation is > 0; dW_out += hidden^T dresid,
+    dW_in += resid_mid^T dpre, db_in into the group's sums; d resid_mid accumulates in
+    registers over the chunks from dresid (fp32, from ``residual``); its sum, dc, too.
+    Returns the checksum plus every sum."""
+    acc = tl.load(residual + rows[:, None] * D + cols_d[None, :], mask=mask_d[None, :], other=0.0)
+    resid_mid_ptrs = scratch + RM + rows[:, None] * D + cols_d[None, :]
+    dresid_ptrs = scratch + RF + rows[:, None] * D + cols_d[None, :]
+    if STAGE_TILES:
+        resid_mid_staged = tl.load(resid_mid_ptrs, mask=mask_d[None, :], other=0.0)
+        dresid_staged = tl.load(dresid_ptrs, mask=mask_d[None, :], other=0.0)
+    for f0 in tl.range(0, F, BLOCK_C, disable_licm=not STAGE_TILES):
+        offs_f = f0 + chunk
+        mask_f = offs_f < F
+        if STAGE_TILES:
+            resid_mid_op = resid_mid_staged
+            dresid_op = dresid_staged
+        else:
+            resid_mid_op = tl.load(resid_mid_ptrs, mask=mask_d[None, :], other=0.0)
+            dresid_op = tl.load(dresid_ptrs, mask=mask_d[None, :], other=0.0)
+        mask_fd = mask_f[:, None] & mask_d[None, :]
+        hidden = _hidden_chunk(resid_mid_op, p, wt, cols_d, mask_d, offs_f, mask_f, D, F, OFF_W_in, OFF_b_in,
+                               BLOCK_N, BLOCK_C, PRECISION)
+        w_out_t = tl.load(wt + OFF_W_out + offs_f[None, :] * D + cols_d[:, None],
+                          mask=mask_d[:, None] & mask_f[None, :], other=0.0)
+        dhidden = mma(dresid_op, w_out_t, tl.zeros((BLOCK_N, BLOCK_C), tl.float32), PRECISION, True, True)
+        dpre = tl.where(hidden > 0.0, dhidden, 0.0)
+        g_out = mma(tl.trans(hidden), dresid_op, tl.zeros((BLOCK_C, BLOCK_D), tl.float32), PRECISION, False, True)
+        _add_into(g + OFF_W_out + offs_f[:, None] * D + cols_d[None, :], g_out, mask_fd, accumulate)
+        g_in = mma(tl.trans(resid_mid_op), dpre, tl.zeros((BLOCK_D, BLOCK_C), tl.float32), PRECISION, True, False)
+        _add_into(g + OFF_W_in + cols_d[:, None] * F + offs_f[None, :], g_in, mask_d[:, None] & mask_f[None, :],
+                  accumulate)
+        db_in = tl.sum(dpre, axis=0)
+        _add_into(g + OFF_b_in + offs_f, db_in, mask_f, accumulate)
+        w_in_t = tl.load(wt + OFF_W_in + offs_f[:, None] + cols_d[None, :] * F, mask=mask_fd, other=0.0)
+        acc = mma(dpre, w_in_t, acc, PRECISION, False, True)
+        checksum += tl.sum(tl.sum(g_out, axis=1), axis=0) + tl.sum(tl.sum(g_in, axis=1), axis=0) + tl.sum(db_in, axis=0)
+    tl.store(scratch + DRM + rows[:, None] * D + cols_d[None, :], to_operand(acc, PRECISION), mask=mask_d[None, :])
+    dc = tl.sum(acc, axis=0)
+    _add_into(part + TAIL_DC + cols_d, dc, mask_d, accumulate)
+    return checksum + tl.sum(dc, axis=0)
+
+
+@triton.jit
+def _mlp_backward_chained(checksum, wt, g, part, scratch, residual, rows, all_rows, chunk, accumulate,
+                          D: tl.constexpr, F: tl.constexpr, OFF_W_in: tl.constexpr, OFF_b_in: tl.constexpr,
+                          OFF_W_out: tl.constexpr, RM: tl.constexpr, RF: tl.constexpr, DRM: tl.constexpr,
+                          HID: tl.constexpr, TAIL_DC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """d resid_mid into scratch DRM as chained products over the scratch, BLOCK_C columns at
+    a time: dW_out = hidden^T dresid; dpre = (dresid W_out^T) where hidden > 0, over
+    hidden's scratch, and db_in; dW_in = resid_mid^T dpre; d resid_mid = dresid (fp32, from
+    ``residual``) + dpre W_in^T and its sum dc. Returns the checksum plus every sum.
+    The mask is taken on hidden as stored: it differs from fp32's only where a
+    pre-activation is positive but rounds to 0 (below 2^-133 in bf16)."""
+    checksum = _weight_grad(checksum, g + OFF_W_out, scratch + HID, scratch + RF, F, D, BLOCK_C, BLOCK_C,
+                            accumulate, BLOCK_N, BLOCK_K, PRECISION)
+    tl.debug_barrier()
+    for f0 in range(0, F, BLOCK_C):
+        offs_f = f0 + chunk
+        mask_f = offs_f < F
+        dhidden = gemm(tl.zeros((BLOCK_N, BLOCK_C), tl.float32), scratch + RF, D, 1, rows, all_rows,
+                       wt + OFF_W_out, 1, D, offs_f, mask_f, D, BLOCK_K, PRECISION, True, True)
+        hid_offs = scratch + HID + rows[:, None] * F + offs_f[None, :]
+        dpre = tl.where(tl.load(hid_offs, mask=mask_f[None, :], other=0.0) > 0.0, dhidden, 0.0)
+        tl.debug_barrier()  # every thread has read this chunk of hidden before it is overwritten
+        tl.store(hid_offs, to_operand(dpre, PRECISION), mask=mask_f[None, :])
+        db_in = tl.sum(dpre, axis=0)
+        _add_into(g + OFF_b_in + offs_f, db_in, mask_f, accumulate)
+        checksum += tl.sum(db_in, axis=0)
+    tl.debug_barrier()
+    checksum = _weight_grad(checksum, g + OFF_W_in, scratch + RM, scratch + HID, D, F, BLOCK_C, BLOCK_C,
+                            accumulate, BLOCK_N, BLOCK_K, PRECISION)
+    for j0 in range(0, D, BLOCK_C):
+        offs_j = j0 + chunk
+        mask_j = offs_j < D
+        acc = gemm(tl.load(residual + rows[:, None] * D + offs_j[None, :], mask=mask_j[None, :], other=0.0),
+                   scratch + HID, F, 1, rows, all_rows, wt + OFF_W_in, 1, F, offs_j, mask_j, F, BLOCK_K, PRECISION,
+                   True, True)
+        tl.store(scratch + DRM + rows[:, None] * D + offs_j[None, :], to_operand(acc, PRECISION), mask=mask_j[None, :])
+        dc = tl.sum(acc, axis=0)
+        _add_into(part + TAIL_DC + offs_j, dc, mask_j, accumulate)
+        checksum += tl.sum(dc, axis=0)
+    return checksum
+
+
+@triton.jit
 def examples_kernel(
-    params_ptr, V_ptr, S_ptr, dz_ptr, co_ptr, partial_ptr, scratch_ptr,
+    params_ptr, weights_ptr, V_ptr, S_ptr, dz_ptr, co_ptr, partial_ptr, scratch_ptr, residual_ptr,
     x_ptr, y_ptr, label_ptr, weight_ptr, stride_data, group_model_ptr, group_start_ptr, train_size_ptr, n_groups,
     D: tl.constexpr, H: tl.constexpr, Dh: tl.constexpr, F: tl.constexpr, V: tl.constexpr,
     R: tl.constexpr, OP_ROW: tl.constexpr, FIRST_Y_ROW: tl.constexpr, EQ_ROW: tl.constexpr,
@@ -204,65 +383,74 @@ def examples_kernel(
     OFF_W_out: tl.constexpr, OFF_b_out: tl.constexpr, OFF_W_U: tl.constexpr, P: tl.constexpr,
     TAIL_DC: tl.constexpr, TAIL_DV_OP: tl.constexpr, TAIL_DV_EQ: tl.constexpr, TAIL_DS_OP: tl.constexpr,
     TAIL_DS_EQ: tl.constexpr, TAIL_LOSS: tl.constexpr, TAIL_CHECK: tl.constexpr, PARTIAL: tl.constexpr,
-    GROUP_TILES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_DH: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP_TILES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DH: tl.constexpr, FUSED_MLP: tl.constexpr,
+    STAGE_TILES: tl.constexpr, PRECISION: tl.constexpr,
 ):
     HD: tl.constexpr = H * Dh
     # This program's scratch: (BLOCK_N, .) activations of its current tile.
     Z: tl.constexpr = 0                      # z, attention output     (BLOCK_N, HD)
     RM: tl.constexpr = Z + BLOCK_N * HD      # resid_mid               (BLOCK_N, D)
-    HID: tl.constexpr = RM + BLOCK_N * D     # hidden, then dpre       (BLOCK_N, F)
-    RF: tl.constexpr = HID + BLOCK_N * F     # resid_fin, then dresid  (BLOCK_N, D)
+    RF: tl.constexpr = RM + BLOCK_N * D      # resid_fin, then dresid  (BLOCK_N, D)
     DL: tl.constexpr = RF + BLOCK_N * D      # dlogits                 (BLOCK_N, V)
     DRM: tl.constexpr = DL + BLOCK_N * V     # d resid_mid             (BLOCK_N, D)
-    SCRATCH: tl.constexpr = DRM + BLOCK_N * D
+    HID: tl.constexpr = DRM + BLOCK_N * D    # hidden, then dpre       (BLOCK_N, F), unless FUSED_MLP
+    SCRATCH: tl.constexpr = HID + BLOCK_N * F
     scratch = scratch_ptr + tl.program_id(0).to(tl.int64) * SCRATCH
-    rows = tl.arange(0, BLOCK_N)
-    all_rows = rows < BLOCK_N
-    chunk = tl.arange(0, BLOCK_C)
-    lanes = tl.arange(0, BLOCK_DH)
-    mask_l = lanes < Dh
-
+    # and its fp32 row: the tile's dresid, the residual term of d resid_mid (BLOCK_N, D).
+    residual = residual_ptr + tl.program_id(0).to(tl.int64) * (BLOCK_N * D)
     for group in tl.range(tl.program_id(0), n_groups, tl.num_programs(0), disable_licm=True):
         m = tl.load(group_model_ptr + group).to(tl.int64)
         size = tl.load(train_size_ptr + m)
         p = params_ptr + m * P
+        # The model's operands W_O..W_U, addressed with their flat offsets.
+        wt = weights_ptr + m * (P - OFF_W_O) - OFF_W_O
         S_tab = S_ptr + m * (R * H)
         V_tab = V_ptr + m * (R * HD)
         # The group's sums: W_O..W_U gradients at their flat offsets minus OFF_W_O, then the tail.
         part = partial_ptr + tl.cast(group, tl.int64) * PARTIAL
         g = part - OFF_W_O
-        for t in range(0, GROUP_TILES):
+        for t in tl.range(0, GROUP_TILES, disable_licm=True):
             start = tl.load(group_start_ptr + group) + t * BLOCK_N
             if start < size:
                 accumulate = t > 0
-                _tile(start, m, size, p, g, part, S_tab, V_tab, dz_ptr, co_ptr, scratch, accumulate,
-                      x_ptr, y_ptr, label_ptr, weight_ptr, stride_data, rows, all_rows, chunk, lanes, mask_l,
+                _tile(start, m, size, p, wt, g, part, S_tab, V_tab, dz_ptr, co_ptr, scratch, residual, accumulate,
+                      x_ptr, y_ptr, label_ptr, weight_ptr, stride_data,
                       D, H, Dh, F, V, OP_ROW, FIRST_Y_ROW, EQ_ROW, EQ_TOKEN, EQ_POS,
                       OFF_W_E, OFF_W_pos, OFF_W_O, OFF_W_in, OFF_b_in, OFF_W_out, OFF_b_out, OFF_W_U,
                       TAIL_DC, TAIL_DV_OP, TAIL_DV_EQ, TAIL_DS_OP, TAIL_DS_EQ, TAIL_LOSS, TAIL_CHECK,
-                      Z, RM, HID, RF, DL, DRM, BLOCK_N, BLOCK_C, BLOCK_K, BLOCK_DH, PRECISION)
+                      Z, RM, RF, DL, DRM, HID, BLOCK_N, BLOCK_D, BLOCK_DC, BLOCK_C, BLOCK_K, BLOCK_DH, FUSED_MLP,
+                      STAGE_TILES, PRECISION)
             # The next tile overwrites the scratch and adds into the sums this one's
             # threads may still read.
             tl.debug_barrier()
 
 
 @triton.jit
-def _tile(start, m, size, p, g, part, S_tab, V_tab, dz_ptr, co_ptr, scratch, accumulate,
-          x_ptr, y_ptr, label_ptr, weight_ptr, stride_data, rows, all_rows, chunk, lanes, mask_l,
-          D: tl.constexpr, H: tl.constexpr, Dh: tl.constexpr, F: tl.constexpr, V: tl.constexpr,
+def _tile(start, m, size, p, wt, g, part, S_tab, V_tab, dz_ptr, co_ptr, scratch, residual, accumulate,
+          x_ptr, y_ptr, label_ptr, weight_ptr, stride_data, D: tl.constexpr, H: tl.constexpr, Dh: tl.constexpr,
+          F: tl.constexpr, V: tl.constexpr,
           OP_ROW: tl.constexpr, FIRST_Y_ROW: tl.constexpr, EQ_ROW: tl.constexpr, EQ_TOKEN: tl.constexpr,
           EQ_POS: tl.constexpr, OFF_W_E: tl.constexpr, OFF_W_pos: tl.constexpr, OFF_W_O: tl.constexpr,
           OFF_W_in: tl.constexpr, OFF_b_in: tl.constexpr, OFF_W_out: tl.constexpr, OFF_b_out: tl.constexpr,
           OFF_W_U: tl.constexpr, TAIL_DC: tl.constexpr, TAIL_DV_OP: tl.constexpr, TAIL_DV_EQ: tl.constexpr,
           TAIL_DS_OP: tl.constexpr, TAIL_DS_EQ: tl.constexpr, TAIL_LOSS: tl.constexpr, TAIL_CHECK: tl.constexpr,
-          Z: tl.constexpr, RM: tl.constexpr, HID: tl.constexpr, RF: tl.constexpr, DL: tl.constexpr,
-          DRM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-          BLOCK_DH: tl.constexpr, PRECISION: tl.constexpr):
+          Z: tl.constexpr, RM: tl.constexpr, RF: tl.constexpr, DL: tl.constexpr, DRM: tl.constexpr,
+          HID: tl.constexpr,
+          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_C: tl.constexpr,
+          BLOCK_K: tl.constexpr, BLOCK_DH: tl.constexpr, FUSED_MLP: tl.constexpr, STAGE_TILES: tl.constexpr,
+          PRECISION: tl.constexpr):
     """Forward and backward of one tile of BLOCK_N example slots from ``start`` of model m,
     its sums added into the group's ``partial`` row (``g``: that row minus OFF_W_O)."""
     HD: tl.constexpr = H * Dh
     checksum = tl.zeros((), tl.float32)
+    # Index vectors are made here, not passed in: nothing but pointers and
+    # scalars stays live from one tile to the next.
+    rows = tl.arange(0, BLOCK_N)
+    all_rows = rows < BLOCK_N
+    chunk = tl.arange(0, BLOCK_C)
+    lanes = tl.arange(0, BLOCK_DH)
+    mask_l = lanes < Dh
     # Per-example vectors are loaded again where they are used rather than
     # kept live through the whole tile (registers are the scarce resource).
 
@@ -273,40 +461,33 @@ def _tile(start, m, size, p, g, part, S_tab, V_tab, dz_ptr, co_ptr, scratch, acc
         a0, a1, a2, a3, Vx, V_op, Vy, V_eq = _head_attention(S_tab, V_tab, row_x, row_y, h, lanes, mask_l,
                                                              OP_ROW, EQ_ROW, H, Dh)
         z = a0[:, None] * Vx + a1[:, None] * V_op + a2[:, None] * Vy + a3[:, None] * V_eq
-        tl.store(scratch + Z + rows[:, None] * HD + (h * Dh + lanes)[None, :], z, mask=mask_l[None, :])
+        tl.store(scratch + Z + rows[:, None] * HD + (h * Dh + lanes)[None, :], to_operand(z, PRECISION),
+                 mask=mask_l[None, :])
     tl.debug_barrier()
 
-    # resid_mid = c + z W_O (W_O as an (H*Dh, D) matrix).
-    for j0 in range(0, D, BLOCK_C):
-        offs_j = j0 + chunk
+    # resid_mid = c + z W_O (W_O as an (H*Dh, D) matrix), BLOCK_DC columns at a time: into
+    # scratch as an operand, and in fp32 into ``residual`` for resid_fin's residual term.
+    for j0 in range(0, D, BLOCK_DC):
+        offs_j = j0 + tl.arange(0, BLOCK_DC)
         mask_j = offs_j < D
         c = (tl.load(p + OFF_W_E + EQ_TOKEN * D + offs_j, mask=mask_j, other=0.0)
              + tl.load(p + OFF_W_pos + EQ_POS * D + offs_j, mask=mask_j, other=0.0))
-        acc = gemm(tl.zeros((BLOCK_N, BLOCK_C), tl.float32) + c[None, :], scratch + Z, HD, 1, rows, all_rows,
-                   p + OFF_W_O, D, 1, offs_j, mask_j, HD, BLOCK_K, PRECISION)
-        tl.store(scratch + RM + rows[:, None] * D + offs_j[None, :], acc, mask=mask_j[None, :])
+        resid_mid = gemm(tl.zeros((BLOCK_N, BLOCK_DC), tl.float32) + c[None, :], scratch + Z, HD, 1, rows, all_rows,
+                         wt + OFF_W_O, D, 1, offs_j, mask_j, HD, BLOCK_K, PRECISION, True, True)
+        tl.store(scratch + RM + rows[:, None] * D + offs_j[None, :], to_operand(resid_mid, PRECISION),
+                 mask=mask_j[None, :])
+        tl.store(residual + rows[:, None] * D + offs_j[None, :], resid_mid, mask=mask_j[None, :])
     tl.debug_barrier()
+    cols_d = tl.arange(0, BLOCK_D)
+    mask_d = cols_d < D
 
-    # hidden = relu(resid_mid W_in + b_in); a NaN stays NaN, as in torch.relu.
-    for f0 in range(0, F, BLOCK_C):
-        offs_f = f0 + chunk
-        mask_f = offs_f < F
-        b_in = tl.load(p + OFF_b_in + offs_f, mask=mask_f, other=0.0)
-        acc = gemm(tl.zeros((BLOCK_N, BLOCK_C), tl.float32) + b_in[None, :], scratch + RM, D, 1, rows,
-                   all_rows, p + OFF_W_in, F, 1, offs_f, mask_f, D, BLOCK_K, PRECISION)
-        hidden = _max_nan(acc, 0.0)
-        tl.store(scratch + HID + rows[:, None] * F + offs_f[None, :], hidden, mask=mask_f[None, :])
-    tl.debug_barrier()
-
-    # resid_fin = resid_mid + b_out + hidden W_out
-    for j0 in range(0, D, BLOCK_C):
-        offs_j = j0 + chunk
-        mask_j = offs_j < D
-        acc = (tl.load(scratch + RM + rows[:, None] * D + offs_j[None, :], mask=mask_j[None, :], other=0.0)
-               + tl.load(p + OFF_b_out + offs_j, mask=mask_j, other=0.0)[None, :])
-        acc = gemm(acc, scratch + HID, F, 1, rows, all_rows, p + OFF_W_out, D, 1, offs_j, mask_j, F, BLOCK_K,
-                   PRECISION)
-        tl.store(scratch + RF + rows[:, None] * D + offs_j[None, :], acc, mask=mask_j[None, :])
+    # resid_fin = resid_mid + b_out + relu(resid_mid W_in + b_in) W_out.
+    if FUSED_MLP:
+        _mlp_forward_fused(p, wt, scratch, residual, rows, chunk, cols_d, mask_d, D, F, OFF_W_in, OFF_b_in,
+                           OFF_W_out, OFF_b_out, RM, RF, BLOCK_N, BLOCK_C, STAGE_TILES, PRECISION)
+    else:
+        _mlp_forward_chained(p, wt, scratch, residual, rows, all_rows, chunk, D, F, OFF_W_in, OFF_b_in, OFF_W_out,
+                             OFF_b_out, RM, RF, HID, BLOCK_N, BLOCK_C, BLOCK_K, PRECISION)
     tl.debug_barrier()
 
     # Cross-entropy, BLOCK_C logits at a time. The first pass keeps the running
@@ -321,7 +502,7 @@ def _tile(start, m, size, p, g, part, S_tab, V_tab, dz_ptr, co_ptr, scratch, acc
         offs_v = v0 + chunk
         mask_v = offs_v < V
         logits = gemm(tl.zeros((BLOCK_N, BLOCK_C), tl.float32), scratch + RF, D, 1, rows, all_rows,
-                      p + OFF_W_U, V, 1, offs_v, mask_v, D, BLOCK_K, PRECISION)
+                      wt + OFF_W_U, V, 1, offs_v, mask_v, D, BLOCK_K, PRECISION, True, True)
         logits = tl.where(mask_v[None, :], logits, float("-inf"))
         is_label = offs_v[None, :] == label[:, None]
         z_label += tl.sum(tl.where(is_label, logits, 0.0), axis=1)
@@ -341,70 +522,49 @@ def _tile(start, m, size, p, g, part, S_tab, V_tab, dz_ptr, co_ptr, scratch, acc
         offs_v = v0 + chunk
         mask_v = offs_v < V
         logits = gemm(tl.zeros((BLOCK_N, BLOCK_C), tl.float32), scratch + RF, D, 1, rows, all_rows,
-                      p + OFF_W_U, V, 1, offs_v, mask_v, D, BLOCK_K, PRECISION)
+                      wt + OFF_W_U, V, 1, offs_v, mask_v, D, BLOCK_K, PRECISION, True, True)
         prob = tl.exp(logits - top[:, None]) / total[:, None] * w[:, None]
         is_label = offs_v[None, :] == label[:, None]
-        tl.store(scratch + DL + rows[:, None] * V + offs_v[None, :], tl.where(is_label, dlabel[:, None], prob),
+        tl.store(scratch + DL + rows[:, None] * V + offs_v[None, :],
+                 to_operand(tl.where(is_label, dlabel[:, None], prob), PRECISION),
                  mask=mask_v[None, :])
     tl.debug_barrier()
 
     # dW_U = resid_fin^T dlogits, summed over the tile's examples.
-    checksum = _weight_grad(checksum, g + OFF_W_U, scratch + RF, scratch + DL, D, V, chunk, accumulate,
-                            BLOCK_C, BLOCK_N, BLOCK_K, PRECISION)
+    checksum = _weight_grad(checksum, g + OFF_W_U, scratch + RF, scratch + DL, D, V, BLOCK_DC, BLOCK_C, accumulate,
+                            BLOCK_N, BLOCK_K, PRECISION)
     tl.debug_barrier()
 
-    # dresid = dlogits W_U^T, over resid_fin's scratch; its sum is db_out.
-    for j0 in range(0, D, BLOCK_C):
-        offs_j = j0 + chunk
+    # dresid = dlogits W_U^T, BLOCK_DC columns at a time, over resid_fin's scratch (and in
+    # fp32 into ``residual``, d resid_mid's residual term); its sum is db_out.
+    for j0 in range(0, D, BLOCK_DC):
+        offs_j = j0 + tl.arange(0, BLOCK_DC)
         mask_j = offs_j < D
-        acc = gemm(tl.zeros((BLOCK_N, BLOCK_C), tl.float32), scratch + DL, V, 1, rows, all_rows,
-                   p + OFF_W_U, 1, V, offs_j, mask_j, V, BLOCK_K, PRECISION)
-        tl.store(scratch + RF + rows[:, None] * D + offs_j[None, :], acc, mask=mask_j[None, :])
-        db_out = tl.sum(acc, axis=0)
+        dresid = gemm(tl.zeros((BLOCK_N, BLOCK_DC), tl.float32), scratch + DL, V, 1, rows, all_rows,
+                      wt + OFF_W_U, 1, V, offs_j, mask_j, V, BLOCK_K, PRECISION, True, True)
+        tl.store(scratch + RF + rows[:, None] * D + offs_j[None, :], to_operand(dresid, PRECISION),
+                 mask=mask_j[None, :])
+        tl.store(residual + rows[:, None] * D + offs_j[None, :], dresid, mask=mask_j[None, :])
+        db_out = tl.sum(dresid, axis=0)
         _add_into(g + OFF_b_out + offs_j, db_out, mask_j, accumulate)
         checksum += tl.sum(db_out, axis=0)
     tl.debug_barrier()
 
-    # dW_out = hidden^T dresid
-    checksum = _weight_grad(checksum, g + OFF_W_out, scratch + HID, scratch + RF, F, D, chunk, accumulate,
-                            BLOCK_C, BLOCK_N, BLOCK_K, PRECISION)
-    tl.debug_barrier()
-
-    # dpre = (dresid W_out^T) where hidden > 0, over hidden's scratch; db_in.
-    for f0 in range(0, F, BLOCK_C):
-        offs_f = f0 + chunk
-        mask_f = offs_f < F
-        acc = gemm(tl.zeros((BLOCK_N, BLOCK_C), tl.float32), scratch + RF, D, 1, rows, all_rows,
-                   p + OFF_W_out, 1, D, offs_f, mask_f, D, BLOCK_K, PRECISION)
-        hid_offs = scratch + HID + rows[:, None] * F + offs_f[None, :]
-        dpre = tl.where(tl.load(hid_offs, mask=mask_f[None, :], other=0.0) > 0.0, acc, 0.0)
-        tl.debug_barrier()  # every thread has read this chunk of hidden before it is overwritten
-        tl.store(hid_offs, dpre, mask=mask_f[None, :])
-        db_in = tl.sum(dpre, axis=0)
-        _add_into(g + OFF_b_in + offs_f, db_in, mask_f, accumulate)
-        checksum += tl.sum(db_in, axis=0)
-    tl.debug_barrier()
-
-    # dW_in = resid_mid^T dpre
-    checksum = _weight_grad(checksum, g + OFF_W_in, scratch + RM, scratch + HID, D, F, chunk, accumulate,
-                            BLOCK_C, BLOCK_N, BLOCK_K, PRECISION)
-
-    # d resid_mid = dresid + dpre W_in^T; its sum is the last position's dc.
-    for j0 in range(0, D, BLOCK_C):
-        offs_j = j0 + chunk
-        mask_j = offs_j < D
-        acc = tl.load(scratch + RF + rows[:, None] * D + offs_j[None, :], mask=mask_j[None, :], other=0.0)
-        acc = gemm(acc, scratch + HID, F, 1, rows, all_rows, p + OFF_W_in, 1, F, offs_j, mask_j, F, BLOCK_K,
-                   PRECISION)
-        tl.store(scratch + DRM + rows[:, None] * D + offs_j[None, :], acc, mask=mask_j[None, :])
-        dc = tl.sum(acc, axis=0)
-        _add_into(part + TAIL_DC + offs_j, dc, mask_j, accumulate)
-        checksum += tl.sum(dc, axis=0)
+    # The MLP backward: dW_out, dpre, db_in, dW_in, and d resid_mid = dresid + dpre W_in^T
+    # (fp32 in acc); its sum is the last position's dc.
+    if FUSED_MLP:
+        checksum = _mlp_backward_fused(checksum, p, wt, g, part, scratch, residual, rows, chunk, cols_d, mask_d,
+                                       accumulate, D, F, OFF_W_in, OFF_b_in, OFF_W_out, RM, RF, DRM, TAIL_DC,
+                                       BLOCK_N, BLOCK_D, BLOCK_C, STAGE_TILES, PRECISION)
+    else:
+        checksum = _mlp_backward_chained(checksum, wt, g, part, scratch, residual, rows, all_rows, chunk,
+                                         accumulate, D, F, OFF_W_in, OFF_b_in, OFF_W_out, RM, RF, DRM, HID,
+                                         TAIL_DC, BLOCK_N, BLOCK_C, BLOCK_K, PRECISION)
     tl.debug_barrier()
 
     # dW_O = z^T d resid_mid
-    checksum = _weight_grad(checksum, g + OFF_W_O, scratch + Z, scratch + DRM, HD, D, chunk, accumulate,
-                            BLOCK_C, BLOCK_N, BLOCK_K, PRECISION)
+    checksum = _weight_grad(checksum, g + OFF_W_O, scratch + Z, scratch + DRM, HD, D, BLOCK_DC, BLOCK_DC, accumulate,
+                            BLOCK_N, BLOCK_K, PRECISION)
 
     # Per head: dz = d resid_mid W_O[h]^T and the softmax backward over the four
     # positions. The op and '=' rows' gradients are summed over the tile; those
@@ -415,7 +575,7 @@ def _tile(start, m, size, p, g, part, S_tab, V_tab, dz_ptr, co_ptr, scratch, acc
     mask_nl = mask_n[:, None] & mask_l[None, :]
     for h in range(H):
         dz = gemm(tl.zeros((BLOCK_N, BLOCK_DH), tl.float32), scratch + DRM, D, 1, rows, all_rows,
-                  p + OFF_W_O + h * Dh * D, 1, D, lanes, mask_l, D, BLOCK_K, PRECISION)
+                  wt + OFF_W_O + h * Dh * D, 1, D, lanes, mask_l, D, BLOCK_K, PRECISION, True, True)
         a0, a1, a2, a3, Vx, V_op, Vy, V_eq = _head_attention(S_tab, V_tab, row_x, row_y, h, lanes, mask_l,
                                                              OP_ROW, EQ_ROW, H, Dh)
         da0 = tl.sum(dz * Vx, axis=1)
@@ -447,10 +607,50 @@ def _tile(start, m, size, p, g, part, S_tab, V_tab, dz_ptr, co_ptr, scratch, acc
     _add_into(part + TAIL_CHECK, checksum, True, accumulate)
 
 
+# The example kernel's default tiles per precision, and the exceptions of one
+# architecture (arch: compute capability x10, the nearest measured one at or below, as
+# fastgrok.kernels.layout.launch_options picks). Like the launch options they are
+# measured, not derived: the largest tiles that compile without spills and within
+# shared memory at the paper config with Triton 3.9.0's ptxas (bench/triton_resources.py;
+# the slow test tests/kernels/test_resources.py). Re-measure after upgrading Triton.
+# fused_mlp and stage_tiles: the module docstring.
+TILINGS = {
+    "bf16": dict(block_n=128, block_c=32, block_k=32, group_tiles=8, fused_mlp=True, stage_tiles=True),
+    "tf32": dict(block_n=64, block_c=64, block_k=32, group_tiles=8, fused_mlp=False, stage_tiles=False),
+    "bf16x3": dict(block_n=64, block_c=32, block_k=32, group_tiles=8, fused_mlp=False, stage_tiles=False),
+    "fp32": dict(block_n=64, block_c=32, block_k=32, group_tiles=8, fused_mlp=False, stage_tiles=False),
+}
+TILING_EXCEPTIONS = {
+    # sm_80 has no wgmma: mma.sync's accumulator layout needs more registers.
+    ("bf16", 80): dict(block_n=64, fused_mlp=False, stage_tiles=False),
+    ("tf32", 80): dict(block_c=32, block_k=16),
+}
+
+
+def tiling(precision: str, arch: int = 90, **chosen) -> dict:
+    """The example kernel's tiles at ``precision`` on compute capability ``arch`` (x10):
+    TILINGS's with TILING_EXCEPTIONS's, and the ``chosen`` ones that are not None instead."""
+    if precision not in TILINGS:
+        raise ValueError(f"precision={precision!r}; expected one of {', '.join(TILINGS)}")
+    unknown = set(chosen) - set(TILINGS[precision])
+    if unknown:
+        raise ValueError(f"unknown tiling option(s) {sorted(unknown)}; valid: {sorted(TILINGS[precision])}")
+    measured = max((a for a in ARCHS if a <= arch), default=ARCHS[0])
+    return {**TILINGS[precision], **TILING_EXCEPTIONS.get((precision, measured), {}),
+            **{k: v for k, v in chosen.items() if v is not None}}
+
+
+def allocate_scratch(layout: Layout, programs: int, precision: str, block_n: int, device) -> tuple[Tensor, Tensor]:
+    """examples_kernel's per-program rows: the operand scratch (programs, scratch_floats) of
+    ``operand_dtype(precision)`` and the fp32 residual row (programs, block_n * D)."""
+    return (torch.empty(programs, scratch_floats(layout, block_n), dtype=operand_dtype(precision), device=device),
+            torch.empty(programs, block_n * layout.D, dtype=torch.float32, device=device))
+
+
 def scratch_floats(layout: Layout, block_n: int) -> int:
     """Scratch per program of examples_kernel (see its Z .. DRM offsets)."""
     L = layout
-    return block_n * (L.H * L.Dh + 4 * L.D + L.F + L.V)
+    return block_n * (L.H * L.Dh + 4 * L.D + L.V + L.F)
 
 
 @dataclass
@@ -523,39 +723,55 @@ class Tiles:
         return self.group_model.shape[0]
 
 
-def examples_args(layout: Layout, params: Tensor, ws: Workspace, scratch: Tensor, x: Tensor, y: Tensor,
-                  labels: Tensor, weight: Tensor, tiles: Tiles, precision: str, block_n: int = 64,
-                  block_c: int = 32, block_k: int = 32, group_tiles: int = 8, arch: int = 90) -> tuple[tuple, dict]:
+def examples_args(layout: Layout, params: Tensor, ws: Workspace, scratch: tuple[Tensor, Tensor], x: Tensor, y: Tensor,
+                  labels: Tensor, weight: Tensor, tiles: Tiles, precision: str, arch: int = 90,
+                  **chosen) -> tuple[tuple, dict]:
     """Grid and keyword arguments of examples_kernel.
 
-    x, y, labels (M, N) int64, weight (M, N) float32; scratch (programs, scratch_floats)
-    float32, one row per program of the persistent grid; tiles built for block_n
+    x, y, labels (M, N) int64, weight (M, N) float32; scratch: ``allocate_scratch``'s two
+    tensors, one row each per program of the persistent grid; tiles built for block_n
     and group_tiles. arch: compute capability x10 of the GPU, which picks the
-    launch options.
+    launch options. chosen: block_n, block_c, block_k, group_tiles, stage_tiles where
+    not the precision's (``tiling``).
     """
+    chosen = tiling(precision, arch, **chosen)
+    block_n, block_c, block_k, group_tiles = (chosen[k] for k in ("block_n", "block_c", "block_k", "group_tiles"))
     for name, t in (("x", x), ("y", y), ("labels", labels), ("weight", weight)):
         if not t.is_contiguous() or t.shape != x.shape:
             raise ValueError(f"{name}: expected a contiguous tensor of shape {tuple(x.shape)}, "
                              f"got shape {tuple(t.shape)} (contiguous={t.is_contiguous()})")
-    need = scratch_floats(layout, block_n)
-    if scratch.dim() != 2 or scratch.shape[1] != need or not scratch.is_contiguous():
-        raise ValueError(f"scratch: expected a contiguous (programs, {need}) tensor, got {tuple(scratch.shape)}")
+    scratch, residual = scratch
+    need, dtype = scratch_floats(layout, block_n), operand_dtype(precision)
+    if scratch.dim() != 2 or scratch.shape[1] != need or not scratch.is_contiguous() or scratch.dtype != dtype:
+        raise ValueError(f"scratch: expected a contiguous (programs, {need}) {dtype} tensor at precision {precision}, "
+                         f"got {scratch.dtype} {tuple(scratch.shape)}")
+    want = (scratch.shape[0], block_n * layout.D)
+    if residual.shape != want or not residual.is_contiguous() or residual.dtype != torch.float32:
+        raise ValueError(f"residual scratch: expected a contiguous float32 tensor of shape {want}, "
+                         f"got {residual.dtype} {tuple(residual.shape)}")
+    if ws.weights.dtype != dtype:
+        raise ValueError(f"ws.weights is {ws.weights.dtype}; precision {precision} multiplies {dtype} operands "
+                         f"(Workspace.allocate(..., precision={precision!r}))")
     if ws.partial.shape != (tiles.count, layout.partial_len) or ws.dz.shape[1] != x.shape[1]:
         raise ValueError(f"workspace for {ws.partial.shape[0]} groups and {ws.dz.shape[1]} example slots; "
                          f"these tiles have {tiles.count} groups, the data {x.shape[1]} slots")
     return (min(scratch.shape[0], tiles.count),), dict(
-        params_ptr=params, V_ptr=ws.V, S_ptr=ws.S, dz_ptr=ws.dz, co_ptr=ws.co, partial_ptr=ws.partial,
-        scratch_ptr=scratch, x_ptr=x, y_ptr=y, label_ptr=labels, weight_ptr=weight, stride_data=x.stride(0),
+        params_ptr=params, weights_ptr=ws.weights, V_ptr=ws.V, S_ptr=ws.S, dz_ptr=ws.dz, co_ptr=ws.co,
+        partial_ptr=ws.partial, scratch_ptr=scratch, residual_ptr=residual, x_ptr=x, y_ptr=y, label_ptr=labels,
+        weight_ptr=weight, stride_data=x.stride(0),
         group_model_ptr=tiles.group_model, group_start_ptr=tiles.group_start, train_size_ptr=tiles.train_size,
         n_groups=tiles.count,
         **layout.dims, **layout.row_args("R", "OP_ROW", "FIRST_Y_ROW", "EQ_ROW", "EQ_TOKEN", "EQ_POS"),
         **layout.offset_args(*PARAM_NAMES), **layout.tail, PARTIAL=layout.partial_len,
-        GROUP_TILES=group_tiles, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_DH=layout.block_dh,
+        GROUP_TILES=group_tiles, BLOCK_N=block_n, BLOCK_D=layout.block_d,
+        BLOCK_DC=layout.block_d if chosen["fused_mlp"] else block_c,
+        BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_DH=layout.block_dh, FUSED_MLP=chosen["fused_mlp"],
+        STAGE_TILES=chosen["stage_tiles"],
         PRECISION=precision, **launch_options("examples", precision, arch),
     )
 
 
-def examples_launch(layout: Layout, params: Tensor, ws: Workspace, scratch: Tensor, x: Tensor, y: Tensor,
+def examples_launch(layout: Layout, params: Tensor, ws: Workspace, scratch: tuple[Tensor, Tensor], x: Tensor, y: Tensor,
                     labels: Tensor, weight: Tensor, tiles: Tiles, precision: str, **tiling) -> None:
     """Per-example dz and co, and each group's sums into ws.partial (see examples_args)."""
     grid, kwargs = examples_args(layout, params, ws, scratch, x, y, labels, weight, tiles, precision, **tiling)

@@ -57,7 +57,7 @@ LAUNCH_OPTIONS = {
 # The table kernels (tables_forward, reduce, adamw, tables_backward) compute in
 # fp32 whatever the population's precision: they take "fp32" here.
 LAUNCH_EXCEPTIONS = {
-    ("examples", "fp32", 90): dict(num_stages=1),
+    ("examples", "fp32", 90): dict(num_stages=1, maxnreg=255),
     ("adamw", "fp32", 90): dict(num_stages=1, maxnreg=128),
     ("tables_backward", "fp32", 80): dict(num_stages=3),
 }
@@ -139,6 +139,12 @@ class Layout:
     def block_dh(self) -> int:
         """A head's lanes padded to a power of two (>= 16 for tl.dot)."""
         return max(16, triton.next_power_of_2(self.Dh))
+
+    @property
+    def block_d(self) -> int:
+        """The residual width padded to a power of two (>= 16): the example kernel's
+        residual-stream products take it in one block."""
+        return max(16, triton.next_power_of_2(self.D))
 
     @property
     def dims(self) -> dict:
@@ -225,22 +231,54 @@ def round_mantissa(x, DROP: tl.constexpr):
     return tl.where((i & 0x7FFFFFFF) > 0x7F800000, x, rounded)
 
 
+def operand_dtype(precision: str) -> torch.dtype:
+    """The dtype the fused kernels store matmul operands in at ``precision`` (``to_operand``):
+    bf16 for bf16 inputs (float32 in the interpreter, which has no bfloat16), else float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" and os.environ.get("TRITON_INTERPRET") != "1":
+        return torch.bfloat16
+    return torch.float32
+
+
 @triton.jit
-def mma(a, b, acc, PRECISION: tl.constexpr):
+def to_operand(x, PRECISION: tl.constexpr):
+    """fp32 ``x`` as a matmul operand is stored (``operand_dtype``): rounded to tf32, or
+    to bf16 in bf16 storage, once, where it is written; unchanged for fp32 and for
+    bf16x3, whose split is made where it multiplies. ``mma`` takes it with READY."""
+    if PRECISION == "tf32":
+        return round_mantissa(x, 13)
+    elif PRECISION == "bf16":
+        return round_mantissa(x, 16).to(OPERAND_BF16)
+    else:
+        return x
+
+
+@triton.jit
+def _rounded(x, DROP: tl.constexpr, READY: tl.constexpr):
+    if READY:
+        return x
+    else:
+        return round_mantissa(x, DROP)
+
+
+@triton.jit
+def mma(a, b, acc, PRECISION: tl.constexpr, A_READY: tl.constexpr = False, B_READY: tl.constexpr = False):
     """acc + a @ b with fp32 accumulation, the operands taken at PRECISION (fastgrok.precision).
 
     Each operand is rounded explicitly first, so that what reaches the tensor
     core is already representable (the tf32 dot then takes it exactly, the
-    bf16 cast is exact) and the interpreter computes the same products. bf16x3:
-    a = a_hi + a_lo, a_hi = bf16(a), a_lo = bf16(a - a_hi); the small cross
-    terms first, then a_hi b_hi, into the same fp32 accumulator.
+    bf16 cast is exact) and the interpreter computes the same products;
+    A_READY / B_READY say an operand was stored rounded already (``to_operand``).
+    bf16x3: a = a_hi + a_lo, a_hi = bf16(a), a_lo = bf16(a - a_hi); the small
+    cross terms first, then a_hi b_hi, into the same fp32 accumulator.
     """
     if PRECISION == "fp32":
         return tl.dot(a, b, acc, input_precision="ieee")
     elif PRECISION == "tf32":
-        return tl.dot(round_mantissa(a, 13), round_mantissa(b, 13), acc, input_precision="tf32")
+        return tl.dot(_rounded(a, 13, A_READY), _rounded(b, 13, B_READY), acc, input_precision="tf32")
     elif PRECISION == "bf16":
-        return tl.dot(round_mantissa(a, 16).to(OPERAND_BF16), round_mantissa(b, 16).to(OPERAND_BF16), acc)
+        return tl.dot(_rounded(a, 16, A_READY).to(OPERAND_BF16), _rounded(b, 16, B_READY).to(OPERAND_BF16), acc)
     else:
         tl.static_assert(PRECISION == "bf16x3", "PRECISION must be one of fp32, tf32, bf16, bf16x3")
         a_hi = round_mantissa(a, 16)
@@ -271,6 +309,9 @@ class Workspace:
     the last ones.
     The table backward then writes dq (M, H*Dh) and Rt (M, R, D), the rows'
     residual stream, and overwrites K with dK once it has used K.
+    Launch 1 also writes ``weights`` (M, P - offset of W_O): the flat rows from
+    W_O on as matmul operands at the population's precision (``to_operand``:
+    rounded once per step, bf16 storage for bf16), which launch 2 multiplies by.
     """
 
     K: torch.Tensor
@@ -288,11 +329,14 @@ class Workspace:
     loss: torch.Tensor
     check: torch.Tensor
     check_tab: torch.Tensor
+    weights: torch.Tensor
 
     @classmethod
-    def allocate(cls, layout: "Layout", M: int, N: int, groups: int, device, block_r: int = 32) -> "Workspace":
+    def allocate(cls, layout: "Layout", M: int, N: int, groups: int, device, block_r: int = 32,
+                 precision: str = "fp32") -> "Workspace":
         """N example slots per model, ``groups`` groups of tiles in all (``examples.Tiles``);
-        block_r: rows per program of launch 1 (one check_tab slot each)."""
+        block_r: rows per program of launch 1 (one check_tab slot each); precision: the
+        population's, which sets the dtype of ``weights``."""
         R, HD = layout.R, layout.H * layout.Dh
 
         def zeros(*shape):
@@ -302,18 +346,21 @@ class Workspace:
                    dz=zeros(M, N, HD), co=zeros(M, N, 4, layout.H), partial=zeros(groups, layout.partial_len),
                    dV=zeros(M, R, HD), dS=zeros(M, R, layout.H), dq=zeros(M, HD), dc=zeros(M, layout.D),
                    Rt=zeros(M, R, layout.D), loss=zeros(M), check=zeros(M),
-                   check_tab=zeros(M, triton.cdiv(R, block_r)))
+                   check_tab=zeros(M, triton.cdiv(R, block_r)),
+                   weights=torch.zeros(M, layout.P - layout.offsets["W_O"], dtype=operand_dtype(precision),
+                                       device=device))
 
 
 @triton.jit
 def gemm(acc, a_ptr, SA_I: tl.constexpr, SA_K: tl.constexpr, offs_i, mask_i,
          b_ptr, SB_K: tl.constexpr, SB_J: tl.constexpr, offs_j, mask_j,
-         K: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+         K: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+         A_READY: tl.constexpr = False, B_READY: tl.constexpr = False):
     """acc + A[offs_i, :K] @ B[:K, offs_j], both read from memory BLOCK_K at a time.
 
     A[i, k] is at a_ptr + i*SA_I + k*SA_K and B[k, j] at b_ptr + k*SB_K + j*SB_J,
     so transposed operands are only a matter of strides. Streaming K keeps
-    each operand at (BLOCK_I or BLOCK_J) x BLOCK_K.
+    each operand at (BLOCK_I or BLOCK_J) x BLOCK_K. A_READY, B_READY: see ``mma``.
     """
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -322,5 +369,5 @@ def gemm(acc, a_ptr, SA_I: tl.constexpr, SA_K: tl.constexpr, offs_i, mask_i,
                     mask=mask_i[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptr + offs_k[:, None] * SB_K + offs_j[None, :] * SB_J,
                     mask=mask_k[:, None] & mask_j[None, :], other=0.0)
-        acc = mma(a, b, acc, PRECISION)
+        acc = mma(a, b, acc, PRECISION, A_READY, B_READY)
     return acc

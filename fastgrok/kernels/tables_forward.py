@@ -16,7 +16,9 @@ d_model at a time (operands of (BLOCK_R, BLOCK_K) and (BLOCK_K, Dh)).
 The products are fp32 (tl.dot in "ieee" mode) whatever the population's
 matmul precision (fastgrok.precision: the tables are computed once per step
 on a few hundred rows). Each program also writes the sum of its tables to
-its own check_tab slot (fastgrok.kernels.layout.Workspace).
+its own check_tab slot, and rounds 1/cdiv(R, BLOCK_R) of the model's W_O..W_U
+into ``weights``, the example kernel's operands at the population's precision
+(fastgrok.kernels.layout.Workspace).
 
 The rows (R, OP_ROW, ..., EQ_POS) are constexprs from
 ``fastgrok.layout.TokenRows`` (``Layout.row_args``).
@@ -32,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastgrok.backends.torch_engine import tables_forward
-from fastgrok.kernels.layout import Layout, Workspace, launch_options, mma, row_token_pos
+from fastgrok.kernels.layout import Layout, Workspace, launch_options, mma, operand_dtype, row_token_pos, to_operand
 from fastgrok.layout import TokenRows
 
 
@@ -47,13 +49,14 @@ def tables_forward_ref(params: dict[str, Tensor], rows: TokenRows) -> tuple[Tens
 
 @triton.jit
 def tables_forward_kernel(
-    params_ptr, K_ptr, V_ptr, S_ptr, q_ptr, check_tab_ptr,
+    params_ptr, K_ptr, V_ptr, S_ptr, q_ptr, check_tab_ptr, weights_ptr,
     D: tl.constexpr, H: tl.constexpr, Dh: tl.constexpr,
     R: tl.constexpr, OP_ROW: tl.constexpr, FIRST_Y_ROW: tl.constexpr, EQ_ROW: tl.constexpr, OP_TOKEN: tl.constexpr,
     EQ_TOKEN: tl.constexpr, POS_X: tl.constexpr, POS_OP: tl.constexpr, POS_Y: tl.constexpr, EQ_POS: tl.constexpr,
     OFF_W_E: tl.constexpr, OFF_W_pos: tl.constexpr, OFF_W_Q: tl.constexpr, OFF_W_K: tl.constexpr,
-    OFF_W_V: tl.constexpr, P: tl.constexpr,
+    OFF_W_V: tl.constexpr, OFF_W_O: tl.constexpr, P: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DH: tl.constexpr, SCALE: tl.constexpr,
+    WEIGHTS_PRECISION: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     HD: tl.constexpr = H * Dh
     NUM_RB: tl.constexpr = (R + BLOCK_R - 1) // BLOCK_R
@@ -99,27 +102,44 @@ def tables_forward_kernel(
         checksum += tl.sum(tl.sum(K + Vh, axis=1), axis=0) + tl.sum(q, axis=0)
     tl.store(check_tab_ptr + m * NUM_RB + rb, checksum)
 
+    # This program's slice of the model's W_O..W_U as the example kernel's operands, at the
+    # population's precision (this kernel's own products are fp32 whatever it is).
+    W: tl.constexpr = P - OFF_W_O
+    SLICE: tl.constexpr = (W + NUM_RB - 1) // NUM_RB
+    for w0 in range(0, SLICE, BLOCK_W):
+        offs_w = w0 + tl.arange(0, BLOCK_W)
+        offs = rb * SLICE + offs_w
+        mask = (offs_w < SLICE) & (offs < W)
+        value = tl.load(p + OFF_W_O + offs, mask=mask, other=0.0)
+        tl.store(weights_ptr + m * W + offs, to_operand(value, WEIGHTS_PRECISION), mask=mask)
 
-def tables_forward_args(layout: Layout, params: Tensor, ws: Workspace, block_r: int = 32, block_k: int = 32,
-                        arch: int = 90) -> tuple[tuple, dict]:
+
+def tables_forward_args(layout: Layout, params: Tensor, ws: Workspace, precision: str = "fp32", block_r: int = 32,
+                        block_k: int = 32, block_w: int = 1024, arch: int = 90) -> tuple[tuple, dict]:
     """Grid and keyword arguments of tables_forward_kernel (for launching and for AOT compiling).
 
-    arch: compute capability x10 of the GPU, which picks the launch options.
+    precision: the population's, at which ws.weights is written (its dtype must be
+    ``operand_dtype(precision)``); arch: compute capability x10 of the GPU, which picks
+    the launch options.
     """
     M = params.shape[0]
     grid = (M, triton.cdiv(layout.R, block_r))
     if ws.check_tab.shape != grid:
         raise ValueError(f"ws.check_tab has shape {tuple(ws.check_tab.shape)}; block_r={block_r} needs {grid}")
+    if ws.weights.dtype != operand_dtype(precision):
+        raise ValueError(f"ws.weights is {ws.weights.dtype}; precision {precision} stores its operands as "
+                         f"{operand_dtype(precision)} (Workspace.allocate(..., precision={precision!r}))")
     return grid, dict(
         params_ptr=params, K_ptr=ws.K, V_ptr=ws.V, S_ptr=ws.S, q_ptr=ws.q, check_tab_ptr=ws.check_tab,
-        D=layout.D, H=layout.H, Dh=layout.Dh, **layout.row_args(),
-        **layout.offset_args("W_E", "W_pos", "W_Q", "W_K", "W_V"),
-        BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_DH=layout.block_dh, SCALE=layout.scale,
+        weights_ptr=ws.weights, D=layout.D, H=layout.H, Dh=layout.Dh, **layout.row_args(),
+        **layout.offset_args("W_E", "W_pos", "W_Q", "W_K", "W_V", "W_O"),
+        BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_DH=layout.block_dh, SCALE=layout.scale, WEIGHTS_PRECISION=precision,
+        BLOCK_W=block_w,
         **launch_options("tables_forward", "fp32", arch),
     )
 
 
-def tables_forward_launch(layout: Layout, params: Tensor, ws: Workspace, **tiling) -> None:
-    """Fill ws.K, ws.V, ws.S, ws.q and ws.check_tab from ``params`` (M, P)."""
-    grid, kwargs = tables_forward_args(layout, params, ws, **tiling)
+def tables_forward_launch(layout: Layout, params: Tensor, ws: Workspace, precision: str = "fp32", **tiling) -> None:
+    """Fill ws.K, ws.V, ws.S, ws.q, ws.check_tab and ws.weights from ``params`` (M, P)."""
+    grid, kwargs = tables_forward_args(layout, params, ws, precision, **tiling)
     tables_forward_kernel[grid](**kwargs)

@@ -38,17 +38,19 @@ def oracle(pop: Population, m: int) -> tuple[float, dict[str, torch.Tensor]]:
     return loss.item(), {k: getattr(model, k).grad for k in PARAM_NAMES}
 
 
-def kernel_loss_and_grads(interpreted, pop: Population, programs: int, group_tiles: int = 2) -> torch.Tensor:
-    """Run launches 1-3 and the table backward (no AdamW); losses (M,), gradients land in pop.flat_grads."""
+def kernel_loss_and_grads(interpreted, pop: Population, programs: int, group_tiles: int = 2,
+                          **mlp) -> torch.Tensor:
+    """Run launches 1-3 and the table backward (no AdamW); losses (M,), gradients land in pop.flat_grads.
+    mlp: fused_mlp, stage_tiles, the example kernel's two MLP variants (the precision's otherwise)."""
     L = interpreted.layout.Layout.from_config(CFG, pop.rows)
     tiles = interpreted.examples.Tiles.build(pop.train_size, pop.train_x, pop.train_y, pop.rows.n,
                                              TILING["block_n"], group_tiles, "cpu")
     ws = interpreted.layout.Workspace.allocate(L, pop.M, pop.train_x.shape[1], tiles.count, "cpu")
-    scratch = torch.zeros(programs, interpreted.examples.scratch_floats(L, TILING["block_n"]))
+    scratch = interpreted.examples.allocate_scratch(L, programs, "fp32", TILING["block_n"], "cpu")
     interpreted.tables_forward.tables_forward_launch(L, pop.flat_params, ws, block_k=TILING["block_k"])
     interpreted.examples.examples_launch(L, pop.flat_params, ws, scratch, pop.train_x, pop.train_y,
                                          pop.train_labels, pop.train_weight, tiles, "fp32", group_tiles=group_tiles,
-                                         **TILING)
+                                         **TILING, **mlp)
     reduce.reduce_launch(L, pop.flat_grads, ws, tiles, pop.train_x.shape[1])
     params_before = pop.flat_params.clone()
     interpreted.tables_backward.tables_backward_launch(L, pop.flat_params, pop.flat_grads, ws)
@@ -67,8 +69,14 @@ def assert_matches_oracle(pop: Population, losses: torch.Tensor):
                                        msg=lambda msg: f"model {m}, gradient of {k}: {msg}")
 
 
+MLP_VARIANTS = {"chained": dict(fused_mlp=False, stage_tiles=False),
+                "fused": dict(fused_mlp=True, stage_tiles=False),
+                "fused-staged": dict(fused_mlp=True, stage_tiles=True)}
+
+
+@pytest.mark.parametrize("mlp", MLP_VARIANTS)
 @pytest.mark.parametrize("sizes, programs", [((1,), 1), ((1, 20, 37), 2)], ids=["M=1,D=1", "M=3,D=1,20,37"])
-def test_loss_and_gradients_match_the_float64_oracle(interpreted, sizes, programs):
+def test_loss_and_gradients_match_the_float64_oracle(interpreted, sizes, programs, mlp):
     # Three tiles for D = 37 in two groups (of 2 and 1 tiles) and two programs:
     # groups of different models share a program's scratch, a group sums
     # several tiles, and the last tile of each model is partial.
@@ -77,10 +85,11 @@ def test_loss_and_gradients_match_the_float64_oracle(interpreted, sizes, program
     with torch.no_grad():  # non-zero biases so that their gradients are exercised fully
         pop.params["b_in"].normal_(0, 0.3)
         pop.params["b_out"].normal_(0, 0.3)
-    assert_matches_oracle(pop, kernel_loss_and_grads(interpreted, pop, programs))
+    assert_matches_oracle(pop, kernel_loss_and_grads(interpreted, pop, programs, **MLP_VARIANTS[mlp]))
 
 
-def test_tiny_losses_keep_their_relative_precision(interpreted):
+@pytest.mark.parametrize("mlp", MLP_VARIANTS)
+def test_tiny_losses_keep_their_relative_precision(interpreted, mlp):
     """A near-perfect fit, loss ~1e-10, where p_y - 1 would round the label's gradient to 0."""
     D = 8  # fewer examples than d_model: W_U can set every logit exactly
     pop = Population(TASK, CFG, [RunSpec(train_size=D, data_seed=3, init_seed=4)])
@@ -93,7 +102,7 @@ def test_tiny_losses_keep_their_relative_precision(interpreted):
     W_U = torch.linalg.lstsq(cache.resid_fin[0], target).solution                 # (D_model, V)
     with torch.no_grad():
         pop.params["W_U"][0] = W_U.float()
-    losses = kernel_loss_and_grads(interpreted, pop, programs=1)
+    losses = kernel_loss_and_grads(interpreted, pop, programs=1, **MLP_VARIANTS[mlp])
     loss, grads = oracle(pop, 0)
     assert 1e-12 < loss < 1e-8, f"the fit should be near-perfect; loss {loss}"
     assert losses[0].item() == pytest.approx(loss, rel=1e-3), "relative precision of a tiny loss"

@@ -22,8 +22,8 @@ KERNELS = ["tables_forward_kernel", "examples_kernel", "reduce_kernel", "adamw_k
 
 
 # A known gap (issue 13), reported on every slow run and failing it once fixed (strict).
-SPILLS_IN_BF16X3 = pytest.mark.xfail(strict=True, reason="examples_kernel spills in bf16x3: 56 B on sm_80, "
-                                                        "44 B on sm_90")
+SPILLS_IN_BF16X3 = pytest.mark.xfail(strict=True, reason="examples_kernel spills in bf16x3: 40 B on sm_80, "
+                                                        "8 B on sm_90")
 
 
 @pytest.mark.slow
