@@ -38,11 +38,12 @@ Options, the constructor's arguments:
 
 * cuda_graph: capture the four launches in a CUDA graph once the kernels
   are compiled and replay it every step.
-* block_n, block_c, block_k, group_tiles, stage_tiles, programs: tiles of
-  the example kernel, tiles per group (one program and one partial row per
-  group: more tiles per group is less memory, 4 (P - offset of W_O) bytes per
-  group, and fewer work items), whether a tile's operands are held on chip
-  across the MLP's chunks, and its persistent grid. None (the default) takes
+* block_n, block_c, block_k, group_tiles, fused_mlp, stage_tiles, programs:
+  tiles of the example kernel, tiles per group (one program and one partial
+  row per group: more tiles per group is less memory, 4 (P - offset of W_O)
+  bytes per group, and fewer work items), its MLP variant and whether the
+  fused one holds a tile's operands on chip across its chunks
+  (fastgrok.kernels.examples docstring), and its persistent grid. None (the default) takes
   the precision's tiles, fastgrok.kernels.examples.TILINGS, which compile
   without spills on sm_80 and sm_90 (bench/triton_resources.py).
 * self_check: compare the first step with the torch backend (above).
@@ -86,8 +87,8 @@ SELF_CHECK_BOUND = {"fp32": 1e-4, "bf16x3": 2e-4, "tf32": 5e-3, "bf16": 4e-2}
 class Options:
     """cuda_graph, self_check: see the module docstring. block_n examples per tile,
     block_c the hidden-unit and logit chunk and block_k the reduction chunk of the
-    example kernel's matmuls, group_tiles tiles per group, stage_tiles (see the
-    module docstring); None: the precision's (``for_precision``). programs: the
+    example kernel's matmuls, group_tiles tiles per group, fused_mlp and stage_tiles
+    (see the module docstring); None: the precision's (``for_precision``). programs: the
     size of its persistent grid (None: one per SM, as many as fit at 255 registers
     per thread; 4 without a GPU)."""
 
@@ -98,6 +99,7 @@ class Options:
     group_tiles: int | None = None
     programs: int | None = None
     self_check: bool = True
+    fused_mlp: bool | None = None
     stage_tiles: bool | None = None
 
     def __post_init__(self):
@@ -108,8 +110,9 @@ class Options:
             raise ValueError(f"programs={self.programs!r}: must be an integer >= 1 (or None for one per SM)")
         if self.group_tiles is not None and (not isinstance(self.group_tiles, int) or self.group_tiles < 1):
             raise ValueError(f"group_tiles={self.group_tiles!r}: must be an integer >= 1 (or None)")
-        if self.stage_tiles is not None and not isinstance(self.stage_tiles, bool):
-            raise ValueError(f"stage_tiles={self.stage_tiles!r}: must be True, False or None")
+        for name in ("fused_mlp", "stage_tiles"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be True, False or None")
         for name in ("block_n", "block_c", "block_k"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 16 or value & (value - 1)):
@@ -119,7 +122,7 @@ class Options:
         """The example kernel's tiles at ``precision`` on compute capability ``arch`` (x10): these
         options where set, else the defaults."""
         return example_tiling(precision, arch, block_n=self.block_n, block_c=self.block_c, block_k=self.block_k,
-                              group_tiles=self.group_tiles, stage_tiles=self.stage_tiles)
+                              group_tiles=self.group_tiles, fused_mlp=self.fused_mlp, stage_tiles=self.stage_tiles)
 
 
 def _key(state) -> tuple:
@@ -253,8 +256,9 @@ class TritonBackend:
 
     def __init__(self, cuda_graph: bool = False, block_n: int | None = None, block_c: int | None = None,
                  block_k: int | None = None, group_tiles: int | None = None, programs: int | None = None,
-                 self_check: bool = True, stage_tiles: bool | None = None):
-        self.options = Options(cuda_graph, block_n, block_c, block_k, group_tiles, programs, self_check, stage_tiles)
+                 self_check: bool = True, fused_mlp: bool | None = None, stage_tiles: bool | None = None):
+        self.options = Options(cuda_graph, block_n, block_c, block_k, group_tiles, programs, self_check, fused_mlp,
+                               stage_tiles)
         self._device_state: _DeviceState | None = None
         self._torch = TorchBackend()
         self._checked = not self_check

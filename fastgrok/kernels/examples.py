@@ -636,8 +636,12 @@ def tiling(precision: str, arch: int = 90, **chosen) -> dict:
     if unknown:
         raise ValueError(f"unknown tiling option(s) {sorted(unknown)}; valid: {sorted(TILINGS[precision])}")
     measured = max((a for a in ARCHS if a <= arch), default=ARCHS[0])
-    return {**TILINGS[precision], **TILING_EXCEPTIONS.get((precision, measured), {}),
-            **{k: v for k, v in chosen.items() if v is not None}}
+    tiles = {**TILINGS[precision], **TILING_EXCEPTIONS.get((precision, measured), {}),
+             **{k: v for k, v in chosen.items() if v is not None}}
+    if tiles["stage_tiles"] and not tiles["fused_mlp"]:
+        raise ValueError(f"stage_tiles=True holds the fused MLP's operands on chip; with fused_mlp=False "
+                         f"(precision {precision}, sm_{measured}) it must be False")
+    return tiles
 
 
 def allocate_scratch(layout: Layout, programs: int, precision: str, block_n: int, device) -> tuple[Tensor, Tensor]:

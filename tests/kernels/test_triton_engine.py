@@ -134,6 +134,10 @@ def test_options_are_checked_and_cuda_graphs_need_a_gpu(interpreted):
         interpreted.engine.TritonBackend(block_n=24)
     with pytest.raises(ValueError, match="programs=0"):
         interpreted.engine.TritonBackend(programs=0)
+    with pytest.raises(ValueError, match="stage_tiles='yes'"):
+        interpreted.engine.TritonBackend(stage_tiles="yes")
+    with pytest.raises(ValueError, match="stage_tiles=True holds the fused MLP's operands.*fused_mlp=False"):
+        triton_population(interpreted, RUNS[:1], precision="tf32", fused_mlp=False, stage_tiles=True).step()
     pop = triton_population(interpreted, RUNS[:1], cuda_graph=True)
     with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
         pop.step()
