@@ -1111,11 +1111,12 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: the precision's, fastgrok.kernels.examples.TILINGS)")
     args = parser.parse_args(argv)
     try:
-        tiling = {k: (v == "1") if k == "stage_tiles" else int(v)
+        tiling = {k: (v == "1") if k in ("fused_mlp", "stage_tiles") else int(v)
                   for k, v in (item.split("=") for item in args.tiling.split(",") if item)}
         options = Options(**tiling)
     except (ValueError, TypeError) as e:
-        parser.error(f"--tiling {args.tiling!r}: {e} (keys: block_n, block_c, block_k, group_tiles, stage_tiles=0|1)")
+        parser.error(f"--tiling {args.tiling!r}: {e} (keys: block_n, block_c, block_k, group_tiles, "
+                     "fused_mlp=0|1, stage_tiles=0|1)")
     cfg = get_preset(args.preset).model
     layout = Layout.from_config(cfg)
     M, D = args.models, args.train_size

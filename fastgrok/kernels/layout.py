@@ -9,9 +9,11 @@ numbers as constexprs (``offset_args``, ``row_args``), with the dimensions;
 blocks are powers of two (what ``tl.arange`` needs), and a padded lane is
 masked on every load and store, so it reads zeros and writes nothing.
 
-Every matmul is done a head or a chunk at a time (``gemm`` below), so that no
-operand is larger than about (64, 32) fp32: Triton keeps a dot's operands in
-registers, and a whole (128, 128) operand would not fit beside the rest.
+Matmuls are done a head or a chunk at a time (``gemm`` below, K streamed
+BLOCK_K at a time; ``mma`` for operands already in registers): Triton keeps a
+dot's accumulator and register operands in registers, 255 per thread, so the
+chunk sizes are what the example kernel's tiles per precision
+(fastgrok.kernels.examples.TILINGS) are measured for.
 """
 from __future__ import annotations
 
@@ -44,8 +46,9 @@ DEFAULT_PRECISION = "bf16"
 # without spills at the paper config on sm_80 and sm_90 with Triton 3.9.0's
 # ptxas (bench/triton_resources.py prints the figures; the slow test
 # tests/kernels/test_resources.py checks them). Re-measure after upgrading
-# Triton. The example kernel's 8 warps hold a 64-example tile in at most 255
-# registers per thread, which leaves one program per SM.
+# Triton. The example kernel's 8 warps hold its tile (fastgrok.kernels.examples.TILINGS)
+# in at most 255 registers per thread, which leaves one program per SM; in fp32 on
+# sm_90 ptxas settles at 128 registers and spills unless maxnreg says 255.
 LAUNCH_OPTIONS = {
     "tables_forward": dict(num_warps=4, num_stages=3),
     "examples": dict(num_warps=8, num_stages=3),
