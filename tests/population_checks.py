@@ -21,5 +21,18 @@ def assert_params_close(pop, m, model, rtol):
         assert err <= rtol * scale, f"model {m}, {k}: max abs error {err:.3g} vs scale {scale:.3g}"
 
 
+def assert_repeatable_and_alone(first, again, alone, m: int, steps: int, what: str = ""):
+    """Step the three populations ``steps`` times: ``again`` (the same as ``first``) must
+    equal ``first`` bitwise and ``alone`` (model m of ``first`` by itself) its model m,
+    in parameters, gradients and both moments."""
+    for _ in range(steps):
+        for pop in (first, again, alone):
+            pop.step()
+    for name in ("flat_params", "flat_grads", "exp_avg", "exp_avg_sq"):
+        a, b, c = (getattr(pop, name) for pop in (first, again, alone))
+        assert torch.equal(a, b), f"{what}{name}: two runs differ"
+        assert torch.equal(a[m], c[0]), f"{what}{name}: model {m} alone differs from model {m} among others"
+
+
 def flat(tensors):
     return torch.cat([t.reshape(-1).double() for t in tensors])

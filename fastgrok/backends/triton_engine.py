@@ -15,8 +15,9 @@ row-table algorithm, the same stable cross-entropy, torch.optim.AdamW with
 per-model lr and weight decay and the optimiser's warm-up, fp32 parameters,
 gradients (left in ``state.flat_grads`` as the torch backend does) and
 moments, and the same freezing of non-finite models, at the population's
-matmul precision ``state.precision`` (fastgrok.precision: every mode, the
-operands rounded in the kernel exactly as the torch backend rounds them).
+matmul precision ``state.precision`` (fastgrok.precision: every mode, each
+operand rounded once where the kernels write it, exactly as the torch backend
+rounds it).
 ``loss_and_grad`` runs launches 1-3 and the table backward alone
 (``fastgrok.kernels.tables_backward.tables_backward_kernel``): no update, no
 freezing. ``logits`` (evaluation) is the torch backend's forward

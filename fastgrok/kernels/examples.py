@@ -753,9 +753,7 @@ def examples_args(layout: Layout, params: Tensor, ws: Workspace, scratch: tuple[
     if residual.shape != want or not residual.is_contiguous() or residual.dtype != torch.float32:
         raise ValueError(f"residual scratch: expected a contiguous float32 tensor of shape {want}, "
                          f"got {residual.dtype} {tuple(residual.shape)}")
-    if ws.weights.dtype != dtype:
-        raise ValueError(f"ws.weights is {ws.weights.dtype}; precision {precision} multiplies {dtype} operands "
-                         f"(Workspace.allocate(..., precision={precision!r}))")
+    ws.check_precision(precision)
     if ws.partial.shape != (tiles.count, layout.partial_len) or ws.dz.shape[1] != x.shape[1]:
         raise ValueError(f"workspace for {ws.partial.shape[0]} groups and {ws.dz.shape[1]} example slots; "
                          f"these tiles have {tiles.count} groups, the data {x.shape[1]} slots")

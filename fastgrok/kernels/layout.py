@@ -353,6 +353,12 @@ class Workspace:
                    weights=torch.zeros(M, layout.P - layout.offsets["W_O"], dtype=operand_dtype(precision),
                                        device=device))
 
+    def check_precision(self, precision: str) -> None:
+        """``weights`` must hold operands at ``precision`` (allocated for it)."""
+        if self.weights.dtype != operand_dtype(precision):
+            raise ValueError(f"ws.weights is {self.weights.dtype}; precision {precision} stores its operands as "
+                             f"{operand_dtype(precision)} (Workspace.allocate(..., precision={precision!r}))")
+
 
 @triton.jit
 def gemm(acc, a_ptr, SA_I: tl.constexpr, SA_K: tl.constexpr, offs_i, mask_i,

@@ -34,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastgrok.backends.torch_engine import tables_forward
-from fastgrok.kernels.layout import Layout, Workspace, launch_options, mma, operand_dtype, row_token_pos, to_operand
+from fastgrok.kernels.layout import Layout, Workspace, launch_options, mma, row_token_pos, to_operand
 from fastgrok.layout import TokenRows
 
 
@@ -118,17 +118,14 @@ def tables_forward_args(layout: Layout, params: Tensor, ws: Workspace, precision
                         block_k: int = 32, block_w: int = 1024, arch: int = 90) -> tuple[tuple, dict]:
     """Grid and keyword arguments of tables_forward_kernel (for launching and for AOT compiling).
 
-    precision: the population's, at which ws.weights is written (its dtype must be
-    ``operand_dtype(precision)``); arch: compute capability x10 of the GPU, which picks
-    the launch options.
+    precision: the population's, at which ws.weights is written (``Workspace.check_precision``);
+    arch: compute capability x10 of the GPU, which picks the launch options.
     """
     M = params.shape[0]
     grid = (M, triton.cdiv(layout.R, block_r))
     if ws.check_tab.shape != grid:
         raise ValueError(f"ws.check_tab has shape {tuple(ws.check_tab.shape)}; block_r={block_r} needs {grid}")
-    if ws.weights.dtype != operand_dtype(precision):
-        raise ValueError(f"ws.weights is {ws.weights.dtype}; precision {precision} stores its operands as "
-                         f"{operand_dtype(precision)} (Workspace.allocate(..., precision={precision!r}))")
+    ws.check_precision(precision)
     return grid, dict(
         params_ptr=params, K_ptr=ws.K, V_ptr=ws.V, S_ptr=ws.S, q_ptr=ws.q, check_tab_ptr=ws.check_tab,
         weights_ptr=ws.weights, D=layout.D, H=layout.H, Dh=layout.Dh, **layout.row_args(),

@@ -13,6 +13,7 @@ import torch
 from fastgrok.config import ModelConfig, OptimConfig, RunSpec, TaskConfig
 from fastgrok.population import Population
 from fastgrok.tasks import Task
+from population_checks import assert_repeatable_and_alone
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -51,15 +52,8 @@ def test_matches_the_torch_backend_at_the_same_precision(precision):
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_bitwise_repeatable_and_batch_invariant(precision):
-    pops = [triton_population(RUNS, precision), triton_population(RUNS, precision),
-            triton_population(RUNS[2:3], precision, programs=7)]
-    for _ in range(3):
-        for pop in pops:
-            pop.step()
-    for name in ("flat_params", "flat_grads", "exp_avg", "exp_avg_sq"):
-        first, again, alone = (getattr(pop, name) for pop in pops)
-        assert torch.equal(first, again), f"{precision} {name}: two runs differ"
-        assert torch.equal(first[2], alone[0]), f"{precision} {name}: model 2 alone differs from among others"
+    assert_repeatable_and_alone(triton_population(RUNS, precision), triton_population(RUNS, precision),
+                                triton_population(RUNS[2:3], precision, programs=7), 2, 3, f"{precision} ")
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)

@@ -19,6 +19,7 @@ from fastgrok.config import ModelConfig, OptimConfig, RunSpec, TaskConfig
 from fastgrok.population import Population
 from fastgrok.tasks import Task
 from fastgrok.train import train_reference
+from population_checks import assert_repeatable_and_alone
 
 TASK = Task(TaskConfig(p=7))
 CFG = ModelConfig(d_vocab=TASK.cfg.d_vocab, d_model=12, n_heads=2, d_head=5, d_mlp=24)
@@ -184,15 +185,9 @@ def test_runs_are_bitwise_repeatable_and_independent_of_batch_mates(interpreted)
     """No float atomics: the same population twice, a model alone, and a different
     persistent grid give the same bits."""
     runs = [RUNS[2], RUNS[1]]
-    pops = [triton_population(interpreted, runs, "bf16x3"), triton_population(interpreted, runs, "bf16x3"),
-            triton_population(interpreted, runs[:1], "bf16x3", programs=1)]
-    for _ in range(2):
-        for pop in pops:
-            pop.step()
-    for name in ("flat_params", "flat_grads", "exp_avg", "exp_avg_sq"):
-        first, again, alone = (getattr(pop, name) for pop in pops)
-        assert torch.equal(first, again), f"{name}: two runs differ"
-        assert torch.equal(first[0], alone[0]), f"{name}: model 0 alone differs from model 0 among others"
+    assert_repeatable_and_alone(triton_population(interpreted, runs, "bf16x3"),
+                                triton_population(interpreted, runs, "bf16x3"),
+                                triton_population(interpreted, runs[:1], "bf16x3", programs=1), 0, 2)
 
 
 def test_a_nan_weight_gives_a_nan_loss_and_freezes_only_its_model(interpreted):
