@@ -29,13 +29,15 @@ twice, +3% FLOPs), scaled by the example's weight 1/D_m, and the backward pass.
 The tile's activations live in the program's own scratch row (written once,
 re-read by the next products; with one program per SM it stays in L2), stored
 as matmul operands (``fastgrok.kernels.layout.to_operand``: rounded once where
-written, bf16 storage for bf16), plus one fp32 row for the residual terms
-(resid_mid for resid_fin, dresid for d resid_mid). The weights come from launch
-1's per-step operand copy (``Workspace.weights``), so no operand is rounded
-where it is multiplied except those made in registers. The residual-stream
-products (z W_O, dlogits W_U^T) and the weight gradients take BLOCK_DC output
-columns at a time, their operands streamed BLOCK_K at a time
-(fastgrok.kernels.layout.gemm). The MLP comes in two variants (FUSED_MLP, per
+written, bf16 storage for bf16, bf16x3's hi and lo packed in one word), plus one
+fp32 row for the residual terms (resid_mid for resid_fin, dresid for d
+resid_mid). The weights come from launch 1's per-step operand copy
+(``Workspace.weights``), so no operand is rounded or split where it is
+multiplied except those made in registers. The residual-stream products (z W_O,
+dlogits W_U^T) take BLOCK_DC output columns at a time and the weight gradients
+BLOCK_G x BLOCK_C (or BLOCK_DC) chunks, their operands streamed BLOCK_K at a
+time (fastgrok.kernels.layout.gemm); BLOCK_G rows of 128 fill both warp groups'
+wgmma (a chunk of fewer rows than 64 per warp group is computed by both). The MLP comes in two variants (FUSED_MLP, per
 precision in ``TILINGS``; Triton holds a dot's accumulator and register
 operands in registers, 255 per thread, so what fits differs):
 
@@ -92,7 +94,8 @@ import triton.language as tl
 from torch import Tensor
 
 from fastgrok.backends.torch_engine import TableGrads, examples_backward, examples_forward, tables_forward
-from fastgrok.kernels.layout import ARCHS, Layout, Workspace, gemm, launch_options, mma, operand_dtype, to_operand
+from fastgrok.kernels.layout import (ARCHS, Layout, Workspace, from_operand, gemm, launch_options, mma, operand_dtype,
+                                     to_operand)
 from fastgrok.layout import PARAM_NAMES, TokenRows
 from fastgrok.model import stable_cross_entropy_fwd_bwd
 
@@ -333,14 +336,14 @@ def _mlp_backward_chained(checksum, wt, g, part, scratch, residual, rows, all_ro
                           D: tl.constexpr, F: tl.constexpr, OFF_W_in: tl.constexpr, OFF_b_in: tl.constexpr,
                           OFF_W_out: tl.constexpr, RM: tl.constexpr, RF: tl.constexpr, DRM: tl.constexpr,
                           HID: tl.constexpr, TAIL_DC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                          BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                          BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """d resid_mid into scratch DRM as chained products over the scratch, BLOCK_C columns at
     a time: dW_out = hidden^T dresid; dpre = (dresid W_out^T) where hidden > 0, over
     hidden's scratch, and db_in; dW_in = resid_mid^T dpre; d resid_mid = dresid (fp32, from
     ``residual``) + dpre W_in^T and its sum dc. Returns the checksum plus every sum.
     The mask is taken on hidden as stored: it differs from fp32's only where a
-    pre-activation is positive but rounds to 0 (below 2^-133 in bf16)."""
-    checksum = _weight_grad(checksum, g + OFF_W_out, scratch + HID, scratch + RF, F, D, BLOCK_C, BLOCK_C,
+    pre-activation is positive but rounds to 0 (below 2^-133 in bf16 and bf16x3)."""
+    checksum = _weight_grad(checksum, g + OFF_W_out, scratch + HID, scratch + RF, F, D, BLOCK_G, BLOCK_C,
                             accumulate, BLOCK_N, BLOCK_K, PRECISION)
     tl.debug_barrier()
     for f0 in range(0, F, BLOCK_C):
@@ -349,14 +352,15 @@ def _mlp_backward_chained(checksum, wt, g, part, scratch, residual, rows, all_ro
         dhidden = gemm(tl.zeros((BLOCK_N, BLOCK_C), tl.float32), scratch + RF, D, 1, rows, all_rows,
                        wt + OFF_W_out, 1, D, offs_f, mask_f, D, BLOCK_K, PRECISION, True, True)
         hid_offs = scratch + HID + rows[:, None] * F + offs_f[None, :]
-        dpre = tl.where(tl.load(hid_offs, mask=mask_f[None, :], other=0.0) > 0.0, dhidden, 0.0)
+        dpre = tl.where(from_operand(tl.load(hid_offs, mask=mask_f[None, :], other=0.0), PRECISION) > 0.0, dhidden,
+                        0.0)
         tl.debug_barrier()  # every thread has read this chunk of hidden before it is overwritten
         tl.store(hid_offs, to_operand(dpre, PRECISION), mask=mask_f[None, :])
         db_in = tl.sum(dpre, axis=0)
         _add_into(g + OFF_b_in + offs_f, db_in, mask_f, accumulate)
         checksum += tl.sum(db_in, axis=0)
     tl.debug_barrier()
-    checksum = _weight_grad(checksum, g + OFF_W_in, scratch + RM, scratch + HID, D, F, BLOCK_C, BLOCK_C,
+    checksum = _weight_grad(checksum, g + OFF_W_in, scratch + RM, scratch + HID, D, F, BLOCK_G, BLOCK_C,
                             accumulate, BLOCK_N, BLOCK_K, PRECISION)
     for j0 in range(0, D, BLOCK_C):
         offs_j = j0 + chunk
@@ -384,7 +388,7 @@ def examples_kernel(
     TAIL_DC: tl.constexpr, TAIL_DV_OP: tl.constexpr, TAIL_DV_EQ: tl.constexpr, TAIL_DS_OP: tl.constexpr,
     TAIL_DS_EQ: tl.constexpr, TAIL_LOSS: tl.constexpr, TAIL_CHECK: tl.constexpr, PARTIAL: tl.constexpr,
     GROUP_TILES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DH: tl.constexpr, FUSED_MLP: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DH: tl.constexpr, FUSED_MLP: tl.constexpr,
     STAGE_TILES: tl.constexpr, PRECISION: tl.constexpr,
 ):
     HD: tl.constexpr = H * Dh
@@ -419,8 +423,8 @@ def examples_kernel(
                       D, H, Dh, F, V, OP_ROW, FIRST_Y_ROW, EQ_ROW, EQ_TOKEN, EQ_POS,
                       OFF_W_E, OFF_W_pos, OFF_W_O, OFF_W_in, OFF_b_in, OFF_W_out, OFF_b_out, OFF_W_U,
                       TAIL_DC, TAIL_DV_OP, TAIL_DV_EQ, TAIL_DS_OP, TAIL_DS_EQ, TAIL_LOSS, TAIL_CHECK,
-                      Z, RM, RF, DL, DRM, HID, BLOCK_N, BLOCK_D, BLOCK_DC, BLOCK_C, BLOCK_K, BLOCK_DH, FUSED_MLP,
-                      STAGE_TILES, PRECISION)
+                      Z, RM, RF, DL, DRM, HID, BLOCK_N, BLOCK_D, BLOCK_DC, BLOCK_C, BLOCK_G, BLOCK_K, BLOCK_DH,
+                      FUSED_MLP, STAGE_TILES, PRECISION)
             # The next tile overwrites the scratch and adds into the sums this one's
             # threads may still read.
             tl.debug_barrier()
@@ -438,7 +442,7 @@ def _tile(start, m, size, p, wt, g, part, S_tab, V_tab, dz_ptr, co_ptr, scratch,
           Z: tl.constexpr, RM: tl.constexpr, RF: tl.constexpr, DL: tl.constexpr, DRM: tl.constexpr,
           HID: tl.constexpr,
           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_C: tl.constexpr,
-          BLOCK_K: tl.constexpr, BLOCK_DH: tl.constexpr, FUSED_MLP: tl.constexpr, STAGE_TILES: tl.constexpr,
+          BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DH: tl.constexpr, FUSED_MLP: tl.constexpr, STAGE_TILES: tl.constexpr,
           PRECISION: tl.constexpr):
     """Forward and backward of one tile of BLOCK_N example slots from ``start`` of model m,
     its sums added into the group's ``partial`` row (``g``: that row minus OFF_W_O)."""
@@ -531,7 +535,7 @@ def _tile(start, m, size, p, wt, g, part, S_tab, V_tab, dz_ptr, co_ptr, scratch,
     tl.debug_barrier()
 
     # dW_U = resid_fin^T dlogits, summed over the tile's examples.
-    checksum = _weight_grad(checksum, g + OFF_W_U, scratch + RF, scratch + DL, D, V, BLOCK_DC, BLOCK_C, accumulate,
+    checksum = _weight_grad(checksum, g + OFF_W_U, scratch + RF, scratch + DL, D, V, BLOCK_G, BLOCK_C, accumulate,
                             BLOCK_N, BLOCK_K, PRECISION)
     tl.debug_barrier()
 
@@ -559,11 +563,11 @@ def _tile(start, m, size, p, wt, g, part, S_tab, V_tab, dz_ptr, co_ptr, scratch,
     else:
         checksum = _mlp_backward_chained(checksum, wt, g, part, scratch, residual, rows, all_rows, chunk,
                                          accumulate, D, F, OFF_W_in, OFF_b_in, OFF_W_out, RM, RF, DRM, HID,
-                                         TAIL_DC, BLOCK_N, BLOCK_C, BLOCK_K, PRECISION)
+                                         TAIL_DC, BLOCK_N, BLOCK_C, BLOCK_G, BLOCK_K, PRECISION)
     tl.debug_barrier()
 
     # dW_O = z^T d resid_mid
-    checksum = _weight_grad(checksum, g + OFF_W_O, scratch + Z, scratch + DRM, HD, D, BLOCK_DC, BLOCK_DC, accumulate,
+    checksum = _weight_grad(checksum, g + OFF_W_O, scratch + Z, scratch + DRM, HD, D, BLOCK_G, BLOCK_DC, accumulate,
                             BLOCK_N, BLOCK_K, PRECISION)
 
     # Per head: dz = d resid_mid W_O[h]^T and the softmax backward over the four
@@ -612,18 +616,23 @@ def _tile(start, m, size, p, wt, g, part, S_tab, V_tab, dz_ptr, co_ptr, scratch,
 # fastgrok.kernels.layout.launch_options picks). Like the launch options they are
 # measured, not derived: the largest tiles that compile without spills and within
 # shared memory at the paper config with Triton 3.9.0's ptxas (bench/triton_resources.py;
-# the slow test tests/kernels/test_resources.py). Re-measure after upgrading Triton.
-# fused_mlp and stage_tiles: the module docstring.
+# the slow test tests/kernels/test_resources.py), with the launch options' software
+# pipelining kept (num_stages >= 2: the static model, bench/sass_model.py, does not price
+# the load latency a single stage would expose). Re-measure after upgrading Triton.
+# block_g: rows of a weight-gradient chunk; fused_mlp and stage_tiles: the module docstring.
 TILINGS = {
-    "bf16": dict(block_n=128, block_c=32, block_k=32, group_tiles=8, fused_mlp=True, stage_tiles=True),
-    "tf32": dict(block_n=64, block_c=64, block_k=32, group_tiles=8, fused_mlp=False, stage_tiles=False),
-    "bf16x3": dict(block_n=64, block_c=32, block_k=32, group_tiles=8, fused_mlp=False, stage_tiles=False),
-    "fp32": dict(block_n=64, block_c=32, block_k=32, group_tiles=8, fused_mlp=False, stage_tiles=False),
+    "bf16": dict(block_n=128, block_c=32, block_g=128, block_k=32, group_tiles=8, fused_mlp=True, stage_tiles=True),
+    "tf32": dict(block_n=128, block_c=32, block_g=128, block_k=32, group_tiles=8, fused_mlp=False,
+                 stage_tiles=False),
+    "bf16x3": dict(block_n=64, block_c=32, block_g=128, block_k=32, group_tiles=8, fused_mlp=False,
+                   stage_tiles=False),
+    "fp32": dict(block_n=64, block_c=32, block_g=32, block_k=32, group_tiles=8, fused_mlp=False, stage_tiles=False),
 }
 TILING_EXCEPTIONS = {
     # sm_80 has no wgmma: mma.sync's accumulator layout needs more registers.
     ("bf16", 80): dict(block_n=64, fused_mlp=False, stage_tiles=False),
-    ("tf32", 80): dict(block_c=32, block_k=16),
+    ("tf32", 80): dict(block_n=64, block_c=32, block_g=32, block_k=16),
+    ("bf16x3", 80): dict(block_g=64),
 }
 
 
@@ -767,7 +776,7 @@ def examples_args(layout: Layout, params: Tensor, ws: Workspace, scratch: tuple[
         **layout.offset_args(*PARAM_NAMES), **layout.tail, PARTIAL=layout.partial_len,
         GROUP_TILES=group_tiles, BLOCK_N=block_n, BLOCK_D=layout.block_d,
         BLOCK_DC=layout.block_d if chosen["fused_mlp"] else block_c,
-        BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_DH=layout.block_dh, FUSED_MLP=chosen["fused_mlp"],
+        BLOCK_C=block_c, BLOCK_G=chosen["block_g"], BLOCK_K=block_k, BLOCK_DH=layout.block_dh, FUSED_MLP=chosen["fused_mlp"],
         STAGE_TILES=chosen["stage_tiles"],
         PRECISION=precision, **launch_options("examples", precision, arch),
     )

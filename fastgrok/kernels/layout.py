@@ -48,7 +48,8 @@ DEFAULT_PRECISION = "bf16"
 # tests/kernels/test_resources.py checks them). Re-measure after upgrading
 # Triton. The example kernel's 8 warps hold its tile (fastgrok.kernels.examples.TILINGS)
 # in at most 255 registers per thread, which leaves one program per SM; in fp32 on
-# sm_90 ptxas settles at 128 registers and spills unless maxnreg says 255.
+# sm_90 ptxas settles at 128 registers and spills unless maxnreg says 255; tf32's
+# 128-example tiles on sm_90 and bf16x3's on sm_80 fit with two pipeline stages, not three.
 LAUNCH_OPTIONS = {
     "tables_forward": dict(num_warps=4, num_stages=3),
     "examples": dict(num_warps=8, num_stages=3),
@@ -61,6 +62,8 @@ LAUNCH_OPTIONS = {
 # fp32 whatever the population's precision: they take "fp32" here.
 LAUNCH_EXCEPTIONS = {
     ("examples", "fp32", 90): dict(num_stages=1, maxnreg=255),
+    ("examples", "bf16x3", 80): dict(num_stages=2),
+    ("examples", "tf32", 90): dict(num_stages=2),
     ("adamw", "fp32", 90): dict(num_stages=1, maxnreg=128),
     ("tables_backward", "fp32", 80): dict(num_stages=3),
 }
@@ -236,25 +239,64 @@ def round_mantissa(x, DROP: tl.constexpr):
 
 def operand_dtype(precision: str) -> torch.dtype:
     """The dtype the fused kernels store matmul operands in at ``precision`` (``to_operand``):
-    bf16 for bf16 inputs (float32 in the interpreter, which has no bfloat16), else float32."""
+    bf16 for bf16 inputs (float32 in the interpreter, which has no bfloat16), int32 for
+    bf16x3 (a packed split, ``split_bf16x3``), else float32."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}; expected one of {', '.join(PRECISIONS)}")
     if precision == "bf16" and os.environ.get("TRITON_INTERPRET") != "1":
         return torch.bfloat16
-    return torch.float32
+    return torch.int32 if precision == "bf16x3" else torch.float32
+
+
+@triton.jit
+def _bf16_bits(v):
+    """The 16 bits (uint32, low half) of a bf16-rounded fp32 ``v``; any NaN as the quiet
+    NaN 0x7FC0, since a NaN's payload may lie only in the 16 bits dropped."""
+    i = v.to(tl.uint32, bitcast=True)
+    return tl.where((i & 0x7FFFFFFF) > 0x7F800000, tl.full(i.shape, 0x7FC0, tl.uint32), i >> 16)
+
+
+@triton.jit
+def split_bf16x3(x):
+    """fp32 ``x`` as bf16x3's stored operand: one 32-bit word holding hi = bf16(x) in its
+    upper half and lo = bf16(x - hi) in its lower (fastgrok.precision.split_bf16), so
+    the split is made once, where the operand is written, not in every product that
+    reads it; ``unpack_bf16x3`` gives hi and lo back as fp32 with two integer ops."""
+    hi = round_mantissa(x, 16)
+    lo = round_mantissa(x - hi, 16)
+    return ((_bf16_bits(hi) << 16) | _bf16_bits(lo)).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def unpack_bf16x3(word):
+    """(hi, lo) as fp32 from ``split_bf16x3``'s word: a bf16 value is the upper half of its fp32."""
+    u = word.to(tl.uint32, bitcast=True)
+    return (u & 0xFFFF0000).to(tl.float32, bitcast=True), (u << 16).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def to_operand(x, PRECISION: tl.constexpr):
-    """fp32 ``x`` as a matmul operand is stored (``operand_dtype``): rounded to tf32, or
-    to bf16 in bf16 storage, once, where it is written; unchanged for fp32 and for
-    bf16x3, whose split is made where it multiplies. ``mma`` takes it with READY."""
+    """fp32 ``x`` as a matmul operand is stored (``operand_dtype``), rounded once, where it
+    is written: to tf32; to bf16 in bf16 storage; for bf16x3 split into one packed word
+    (``split_bf16x3``); unchanged for fp32. ``mma`` takes it with READY."""
     if PRECISION == "tf32":
         return round_mantissa(x, 13)
     elif PRECISION == "bf16":
         return round_mantissa(x, 16).to(OPERAND_BF16)
+    elif PRECISION == "bf16x3":
+        return split_bf16x3(x)
     else:
         return x
+
+
+@triton.jit
+def from_operand(x, PRECISION: tl.constexpr):
+    """The fp32 value of a stored operand (``to_operand``): hi + lo for bf16x3's word."""
+    if PRECISION == "bf16x3":
+        hi, lo = unpack_bf16x3(x)
+        return hi + lo
+    else:
+        return x.to(tl.float32)
 
 
 @triton.jit
@@ -266,6 +308,16 @@ def _rounded(x, DROP: tl.constexpr, READY: tl.constexpr):
 
 
 @triton.jit
+def _halves(x, READY: tl.constexpr):
+    """bf16x3's (hi, lo) of an operand: unpacked from its stored word, or split here."""
+    if READY:
+        return unpack_bf16x3(x)
+    else:
+        hi = round_mantissa(x, 16)
+        return hi, round_mantissa(x - hi, 16)
+
+
+@triton.jit
 def mma(a, b, acc, PRECISION: tl.constexpr, A_READY: tl.constexpr = False, B_READY: tl.constexpr = False):
     """acc + a @ b with fp32 accumulation, the operands taken at PRECISION (fastgrok.precision).
 
@@ -273,8 +325,9 @@ def mma(a, b, acc, PRECISION: tl.constexpr, A_READY: tl.constexpr = False, B_REA
     core is already representable (the tf32 dot then takes it exactly, the
     bf16 cast is exact) and the interpreter computes the same products;
     A_READY / B_READY say an operand was stored rounded already (``to_operand``).
-    bf16x3: a = a_hi + a_lo, a_hi = bf16(a), a_lo = bf16(a - a_hi); the small
-    cross terms first, then a_hi b_hi, into the same fp32 accumulator.
+    bf16x3: a = a_hi + a_lo, a_hi = bf16(a), a_lo = bf16(a - a_hi) (a READY operand is
+    the stored word of both); the small cross terms first, then a_hi b_hi, into the
+    same fp32 accumulator.
     """
     if PRECISION == "fp32":
         return tl.dot(a, b, acc, input_precision="ieee")
@@ -284,10 +337,10 @@ def mma(a, b, acc, PRECISION: tl.constexpr, A_READY: tl.constexpr = False, B_REA
         return tl.dot(_rounded(a, 16, A_READY).to(OPERAND_BF16), _rounded(b, 16, B_READY).to(OPERAND_BF16), acc)
     else:
         tl.static_assert(PRECISION == "bf16x3", "PRECISION must be one of fp32, tf32, bf16, bf16x3")
-        a_hi = round_mantissa(a, 16)
-        b_hi = round_mantissa(b, 16)
-        acc = tl.dot(a_hi.to(OPERAND_BF16), round_mantissa(b - b_hi, 16).to(OPERAND_BF16), acc)
-        acc = tl.dot(round_mantissa(a - a_hi, 16).to(OPERAND_BF16), b_hi.to(OPERAND_BF16), acc)
+        a_hi, a_lo = _halves(a, A_READY)
+        b_hi, b_lo = _halves(b, B_READY)
+        acc = tl.dot(a_hi.to(OPERAND_BF16), b_lo.to(OPERAND_BF16), acc)
+        acc = tl.dot(a_lo.to(OPERAND_BF16), b_hi.to(OPERAND_BF16), acc)
         return tl.dot(a_hi.to(OPERAND_BF16), b_hi.to(OPERAND_BF16), acc)
 
 

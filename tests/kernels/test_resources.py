@@ -21,15 +21,9 @@ from fastgrok.kernels.layout import PRECISIONS
 KERNELS = ["tables_forward_kernel", "examples_kernel", "reduce_kernel", "adamw_kernel"]
 
 
-# A known gap (issue 13), reported on every slow run and failing it once fixed (strict).
-SPILLS_IN_BF16X3 = pytest.mark.xfail(strict=True, reason="examples_kernel spills in bf16x3: 40 B on sm_80, "
-                                                        "8 B on sm_90")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("arch, precision", [
-    pytest.param(arch, precision, marks=SPILLS_IN_BF16X3 if precision == "bf16x3" else ())
-    for arch in sorted(SHARED_LIMIT) for precision in PRECISIONS])
+@pytest.mark.parametrize("arch", sorted(SHARED_LIMIT))
+@pytest.mark.parametrize("precision", PRECISIONS)
 def test_paper_config_compiles_without_spills_atomics_or_nan_dropping_max(arch, precision):
     cfg = get_preset("paper").model
     kernels = step_kernels(cfg, arch, precision)

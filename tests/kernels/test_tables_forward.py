@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from fastgrok.config import ModelConfig
 from fastgrok.layout import PARAM_NAMES
 from fastgrok.model import init_params
-from fastgrok.precision import round_mantissa
+from fastgrok.precision import round_mantissa, split_bf16
 
 # (p, d_model, n_heads, d_head): odd sizes exercise every padded lane.
 SHAPES = [(7, 12, 2, 5), (11, 16, 1, 16), (5, 9, 3, 4)]
@@ -70,16 +70,25 @@ def test_a_non_finite_weight_of_an_unused_row_reaches_the_checksum(interpreted):
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16", "bf16x3"])
 def test_the_weight_operands_are_the_flat_rows_rounded_at_the_precision(interpreted, precision):
     """Launch 1's Workspace.weights: W_O..W_U of every model as fastgrok.precision rounds them
-    (tf32, bf16; fp32 and bf16x3 unchanged: bf16x3 splits where it multiplies), every slot written
-    whatever the row blocks' split (R = 2n + 2 rows in blocks of 16; 3 models)."""
+    (tf32, bf16; fp32 unchanged; bf16x3 as the 32-bit word of split_bf16's hi and lo bit
+    patterns, a NaN as the quiet 0x7FC0), every slot written whatever the row blocks' split
+    (R = 2n + 2 rows in blocks of 16; 3 models)."""
     cfg = ModelConfig(d_vocab=9, d_model=12, n_heads=2, d_head=5, d_mlp=24)
     layout = interpreted.layout.Layout.from_config(cfg)
     params = torch.stack([flat(init_params(cfg, m)) for m in range(3)])
     params[1, -5:] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-41, -0.0])
     ws = interpreted.layout.Workspace.allocate(layout, 3, 1, 1, "cpu", block_r=16, precision=precision)
-    ws.weights.fill_(12345.0)   # a slot left unwritten would keep this
+    ws.weights.fill_(12345)   # a slot left unwritten would keep this
     interpreted.tables_forward.tables_forward_launch(layout, params, ws, precision, block_r=16, block_k=16,
                                                      block_w=32)
     rows = params[:, layout.offsets["W_O"]:]
+    if precision == "bf16x3":
+        def bits16(v):   # the upper half of the float32 pattern, NaN made quiet
+            return torch.where(v.isnan(), 0x7FC0, (v.view(torch.int32) >> 16) & 0xFFFF)
+        hi, lo = split_bf16(rows)
+        want = (bits16(hi) << 16) | bits16(lo)
+        assert ws.weights.dtype == torch.int32
+        assert torch.equal(ws.weights, want.to(torch.int32))
+        return
     want = {"tf32": round_mantissa(rows, 10), "bf16": round_mantissa(rows, 7)}.get(precision, rows)
     assert torch.equal(ws.weights.float().view(torch.int32), want.view(torch.int32))   # bit for bit, NaN too
