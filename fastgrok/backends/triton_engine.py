@@ -88,10 +88,10 @@ SELF_CHECK_BOUND = {"fp32": 1e-4, "bf16x3": 2e-4, "tf32": 5e-3, "bf16": 4e-2}
 class Options:
     """cuda_graph, self_check: see the module docstring. block_n examples per tile,
     block_c the hidden-unit and logit chunk, block_g the rows of a weight-gradient chunk
-    and block_k the reduction chunk of the example kernel's matmuls, group_tiles tiles per group, fused_mlp and stage_tiles
-    (see the module docstring); None: the precision's (``for_precision``). programs: the
-    size of its persistent grid (None: one per SM, as many as fit at 255 registers
-    per thread; 4 without a GPU)."""
+    and block_k the reduction chunk of the example kernel's matmuls, group_tiles tiles
+    per group, fused_mlp and stage_tiles (see the module docstring); None: the
+    precision's (``for_precision``). programs: the size of its persistent grid (None:
+    one per SM, as many as fit at 255 registers per thread; 4 without a GPU)."""
 
     cuda_graph: bool = False
     block_n: int | None = None

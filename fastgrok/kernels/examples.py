@@ -388,8 +388,8 @@ def examples_kernel(
     TAIL_DC: tl.constexpr, TAIL_DV_OP: tl.constexpr, TAIL_DV_EQ: tl.constexpr, TAIL_DS_OP: tl.constexpr,
     TAIL_DS_EQ: tl.constexpr, TAIL_LOSS: tl.constexpr, TAIL_CHECK: tl.constexpr, PARTIAL: tl.constexpr,
     GROUP_TILES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DH: tl.constexpr, FUSED_MLP: tl.constexpr,
-    STAGE_TILES: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DH: tl.constexpr,
+    FUSED_MLP: tl.constexpr, STAGE_TILES: tl.constexpr, PRECISION: tl.constexpr,
 ):
     HD: tl.constexpr = H * Dh
     # This program's scratch: (BLOCK_N, .) activations of its current tile.
@@ -442,8 +442,8 @@ def _tile(start, m, size, p, wt, g, part, S_tab, V_tab, dz_ptr, co_ptr, scratch,
           Z: tl.constexpr, RM: tl.constexpr, RF: tl.constexpr, DL: tl.constexpr, DRM: tl.constexpr,
           HID: tl.constexpr,
           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_C: tl.constexpr,
-          BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DH: tl.constexpr, FUSED_MLP: tl.constexpr, STAGE_TILES: tl.constexpr,
-          PRECISION: tl.constexpr):
+          BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DH: tl.constexpr, FUSED_MLP: tl.constexpr,
+          STAGE_TILES: tl.constexpr, PRECISION: tl.constexpr):
     """Forward and backward of one tile of BLOCK_N example slots from ``start`` of model m,
     its sums added into the group's ``partial`` row (``g``: that row minus OFF_W_O)."""
     HD: tl.constexpr = H * Dh
@@ -776,8 +776,8 @@ def examples_args(layout: Layout, params: Tensor, ws: Workspace, scratch: tuple[
         **layout.offset_args(*PARAM_NAMES), **layout.tail, PARTIAL=layout.partial_len,
         GROUP_TILES=group_tiles, BLOCK_N=block_n, BLOCK_D=layout.block_d,
         BLOCK_DC=layout.block_d if chosen["fused_mlp"] else block_c,
-        BLOCK_C=block_c, BLOCK_G=chosen["block_g"], BLOCK_K=block_k, BLOCK_DH=layout.block_dh, FUSED_MLP=chosen["fused_mlp"],
-        STAGE_TILES=chosen["stage_tiles"],
+        BLOCK_C=block_c, BLOCK_G=chosen["block_g"], BLOCK_K=block_k, BLOCK_DH=layout.block_dh,
+        FUSED_MLP=chosen["fused_mlp"], STAGE_TILES=chosen["stage_tiles"],
         PRECISION=precision, **launch_options("examples", precision, arch),
     )
 
