@@ -616,9 +616,9 @@ def _tile(start, m, size, p, wt, g, part, S_tab, V_tab, dz_ptr, co_ptr, scratch,
 # fastgrok.kernels.layout.launch_options picks). Like the launch options they are
 # measured, not derived: the largest tiles that compile without spills and within
 # shared memory at the paper config with Triton 3.9.0's ptxas (bench/triton_resources.py;
-# the slow test tests/kernels/test_resources.py), with the launch options' software
-# pipelining kept (num_stages >= 2: the static model, bench/sass_model.py, does not price
-# the load latency a single stage would expose). Re-measure after upgrading Triton.
+# the slow test tests/kernels/test_resources.py), keeping software pipelining (num_stages
+# >= 2, the launch options) wherever it fits: the static model, bench/sass_model.py, does
+# not price the load latency a single stage exposes. Re-measure after upgrading Triton.
 # block_g: rows of a weight-gradient chunk; fused_mlp and stage_tiles: the module docstring.
 TILINGS = {
     "bf16": dict(block_n=128, block_c=32, block_g=128, block_k=32, group_tiles=8, fused_mlp=True, stage_tiles=True),
@@ -626,13 +626,14 @@ TILINGS = {
                  stage_tiles=False),
     "bf16x3": dict(block_n=64, block_c=32, block_g=128, block_k=32, group_tiles=8, fused_mlp=False,
                    stage_tiles=False),
-    "fp32": dict(block_n=64, block_c=32, block_g=32, block_k=32, group_tiles=8, fused_mlp=False, stage_tiles=False),
+    "fp32": dict(block_n=64, block_c=32, block_g=128, block_k=32, group_tiles=8, fused_mlp=False, stage_tiles=False),
 }
 TILING_EXCEPTIONS = {
     # sm_80 has no wgmma: mma.sync's accumulator layout needs more registers.
     ("bf16", 80): dict(block_n=64, fused_mlp=False, stage_tiles=False),
     ("tf32", 80): dict(block_n=64, block_c=32, block_g=32, block_k=16),
     ("bf16x3", 80): dict(block_g=64),
+    ("fp32", 80): dict(block_n=128),
 }
 
 
