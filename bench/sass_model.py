@@ -902,15 +902,18 @@ def step_launches(cfg, precision: str, arch: int, M: int, D: int, programs: int,
                   options: Options = Options()) -> list[tuple[object, tuple, dict]]:
     """(kernel, grid, keyword arguments) of the four launches of one step of M models
     with D examples each, as the Triton engine's ``_DeviceState`` builds them (meta tensors
-    stand in for the device buffers: only shapes and dtypes matter here). The
-    examples' operands cycle through the elements (x = i mod n, y = i div n mod n), so
-    every element has about D / n examples, as a random training set has."""
+    stand in for the device buffers: only shapes and dtypes matter here). Each model's
+    examples are D of the n^2 pairs drawn at random (seed 0), as a task's training set
+    is, so launch 3's per-element loops run as long as a real population's longest."""
     meta = "meta"
     L = Layout.from_config(cfg)
     n = L.rows.n
+    if not 1 <= D <= n * n:
+        raise ValueError(f"D={D} examples per model: a task of n={n} elements has 1..{n * n} pairs")
     params = torch.empty(M, L.P, device=meta)
-    i = torch.arange(D)
-    x, y = (i % n).expand(M, D), (i // n % n).expand(M, D)
+    rng = np.random.default_rng(0)
+    pairs = torch.as_tensor(np.stack([rng.choice(n * n, size=D, replace=False) for _ in range(M)]))
+    x, y = pairs // n, pairs % n
     t = options.for_precision(precision, arch)
     tiles = Tiles.build(np.full(M, D), x, y, n, t["block_n"], t["group_tiles"], "cpu")
     ws = Workspace.allocate(L, M, D, tiles.count, meta, precision=precision)
