@@ -262,8 +262,7 @@ def split_bf16x3(x):
     upper half and lo = bf16(x - hi) in its lower (fastgrok.precision.split_bf16), so
     the split is made once, where the operand is written, not in every product that
     reads it; ``unpack_bf16x3`` gives hi and lo back as fp32 with two integer ops."""
-    hi = round_mantissa(x, 16)
-    lo = round_mantissa(x - hi, 16)
+    hi, lo = _halves(x, False)
     return ((_bf16_bits(hi) << 16) | _bf16_bits(lo)).to(tl.int32, bitcast=True)
 
 
