@@ -37,9 +37,10 @@ multiplied except those made in registers. The residual-stream products (z W_O,
 dlogits W_U^T) take BLOCK_DC output columns at a time and the weight gradients
 BLOCK_G x BLOCK_C (or BLOCK_DC) chunks, their operands streamed BLOCK_K at a
 time (fastgrok.kernels.layout.gemm); BLOCK_G rows of 128 fill both warp groups'
-wgmma (a chunk of fewer rows than 64 per warp group is computed by both). The MLP comes in two variants (FUSED_MLP, per
-precision in ``TILINGS``; Triton holds a dot's accumulator and register
-operands in registers, 255 per thread, so what fits differs):
+wgmma (a chunk of fewer rows than 64 per warp group is computed by both). The
+MLP comes in two variants (FUSED_MLP, per precision in ``TILINGS``; Triton holds
+a dot's accumulator and register operands in registers, 255 per thread, so what
+fits differs):
 
 * fused: BLOCK_C hidden units at a time against the whole residual width
   (BLOCK_D): a chunk of hidden is computed, relu'd and multiplied by W_out's
@@ -745,7 +746,7 @@ def examples_args(layout: Layout, params: Tensor, ws: Workspace, scratch: tuple[
     x, y, labels (M, N) int64, weight (M, N) float32; scratch: ``allocate_scratch``'s two
     tensors, one row each per program of the persistent grid; tiles built for block_n
     and group_tiles. arch: compute capability x10 of the GPU, which picks the
-    launch options. chosen: block_n, block_c, block_k, group_tiles, stage_tiles where
+    launch options. chosen: block_n, block_c, block_g, block_k, group_tiles, fused_mlp, stage_tiles where
     not the precision's (``tiling``).
     """
     chosen = tiling(precision, arch, **chosen)
