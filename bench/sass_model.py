@@ -946,6 +946,7 @@ def expected_matmul_flops(name: str, kw: dict, grid: tuple, L: Layout) -> int:
         return 2 * per_program * int(np.prod(grid))
     if name == "examples_kernel":
         N, C, K, BD, DC, G = kw["BLOCK_N"], kw["BLOCK_C"], kw["BLOCK_K"], kw["BLOCK_D"], kw["BLOCK_DC"], kw["BLOCK_G"]
+        BV = kw["BLOCK_V"]
 
         def out(J, Kd, BJ=C):   # (BLOCK_N, J) = (BLOCK_N, Kd) @ (Kd, J), J in chunks of BJ, Kd of BLOCK_K
             return N * _pad(J, BJ) * _pad(Kd, K)
@@ -961,10 +962,10 @@ def expected_matmul_flops(name: str, kw: dict, grid: tuple, L: Layout) -> int:
         else:                   # chained products, BLOCK_C columns at a time
             mlp = (out(F, D) + out(D, F)                                # hidden, resid_fin
                    + wgrad(F, D, G, C) + out(F, D) + wgrad(D, F, G, C) + out(D, F))  # dW_out, dpre, dW_in, d resid_mid
-        per_tile = (out(D, HD, DC) + mlp + 2 * out(V, D)                # resid_mid, MLP, 2x logits
-                    + wgrad(D, V, G, C) + out(D, V, DC)                 # dW_U, dresid
+        per_tile = (out(D, HD, DC) + mlp + 2 * out(V, D, BV)            # resid_mid, MLP, 2x logits
+                    + wgrad(D, V, G, BV) + out(D, V, DC)                # dW_U, dresid
                     + wgrad(HD, D, G, DC)                               # dW_O
-                    + H * N * BDH * _pad(D, K))                         # dz, per head
+                    + H * N * BDH * (BD if kw["STAGE_TILES"] else _pad(D, K)))  # dz, per head
         # every tile slot of every group, as the SASS count takes the data-dependent
         # ``if start < size`` (exact when D is a multiple of BLOCK_N x GROUP_TILES)
         return 2 * per_tile * kw["n_groups"] * kw["GROUP_TILES"]
@@ -1118,7 +1119,7 @@ def main(argv: list[str] | None = None) -> int:
                   for k, v in (item.split("=") for item in args.tiling.split(",") if item)}
         options = Options(**tiling)
     except (ValueError, TypeError) as e:
-        parser.error(f"--tiling {args.tiling!r}: {e} (keys: block_n, block_c, block_g, block_k, group_tiles, "
+        parser.error(f"--tiling {args.tiling!r}: {e} (keys: block_n, block_c, block_v, block_g, block_k, group_tiles, "
                      "fused_mlp=0|1, stage_tiles=0|1)")
     cfg = get_preset(args.preset).model
     layout = Layout.from_config(cfg)

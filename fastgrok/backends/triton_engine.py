@@ -39,7 +39,7 @@ Options, the constructor's arguments:
 
 * cuda_graph: capture the four launches in a CUDA graph once the kernels
   are compiled and replay it every step.
-* block_n, block_c, block_g, block_k, group_tiles, fused_mlp, stage_tiles, programs:
+* block_n, block_c, block_v, block_g, block_k, group_tiles, fused_mlp, stage_tiles, programs:
   tiles of the example kernel, tiles per group (one program and one partial
   row per group: more tiles per group is less memory, 4 (P - offset of W_O)
   bytes per group, and fewer work items), its MLP variant and whether the
@@ -87,7 +87,7 @@ SELF_CHECK_BOUND = {"fp32": 1e-4, "bf16x3": 2e-4, "tf32": 5e-3, "bf16": 4e-2}
 @dataclass(frozen=True)
 class Options:
     """cuda_graph, self_check: see the module docstring. block_n examples per tile,
-    block_c the hidden-unit and logit chunk, block_g the rows of a weight-gradient chunk
+    block_c the hidden-unit chunk, block_v the logit chunk, block_g the rows of a weight-gradient chunk
     and block_k the reduction chunk of the example kernel's matmuls, group_tiles tiles
     per group, fused_mlp and stage_tiles (see the module docstring); None: the
     precision's (``for_precision``). programs: the size of its persistent grid (None:
@@ -98,6 +98,7 @@ class Options:
     block_c: int | None = None
     block_k: int | None = None
     block_g: int | None = None
+    block_v: int | None = None
     group_tiles: int | None = None
     programs: int | None = None
     self_check: bool = True
@@ -115,7 +116,7 @@ class Options:
         for name in ("fused_mlp", "stage_tiles"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be True, False or None")
-        for name in ("block_n", "block_c", "block_g", "block_k"):
+        for name in ("block_n", "block_c", "block_v", "block_g", "block_k"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 16 or value & (value - 1)):
                 raise ValueError(f"{name}={value!r}: must be a power of two >= 16 (tl.dot's minimum), or None")
@@ -123,9 +124,9 @@ class Options:
     def for_precision(self, precision: str, arch: int) -> dict:
         """The example kernel's tiles at ``precision`` on compute capability ``arch`` (x10): these
         options where set, else the defaults."""
-        return example_tiling(precision, arch, block_n=self.block_n, block_c=self.block_c, block_g=self.block_g,
-                              block_k=self.block_k, group_tiles=self.group_tiles, fused_mlp=self.fused_mlp,
-                              stage_tiles=self.stage_tiles)
+        return example_tiling(precision, arch, block_n=self.block_n, block_c=self.block_c, block_v=self.block_v,
+                              block_g=self.block_g, block_k=self.block_k, group_tiles=self.group_tiles,
+                              fused_mlp=self.fused_mlp, stage_tiles=self.stage_tiles)
 
 
 def _key(state) -> tuple:
@@ -260,10 +261,10 @@ class TritonBackend:
     def __init__(self, cuda_graph: bool = False, block_n: int | None = None, block_c: int | None = None,
                  block_k: int | None = None, group_tiles: int | None = None, programs: int | None = None,
                  self_check: bool = True, fused_mlp: bool | None = None, stage_tiles: bool | None = None,
-                 block_g: int | None = None):
+                 block_g: int | None = None, block_v: int | None = None):
         self.options = Options(cuda_graph=cuda_graph, block_n=block_n, block_c=block_c, block_k=block_k,
-                               block_g=block_g, group_tiles=group_tiles, programs=programs, self_check=self_check,
-                               fused_mlp=fused_mlp, stage_tiles=stage_tiles)
+                               block_g=block_g, block_v=block_v, group_tiles=group_tiles, programs=programs,
+                               self_check=self_check, fused_mlp=fused_mlp, stage_tiles=stage_tiles)
         self._device_state: _DeviceState | None = None
         self._torch = TorchBackend()
         self._checked = not self_check

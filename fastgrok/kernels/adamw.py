@@ -15,7 +15,8 @@ base lr times the warm-up factor of this step.
 
 Failure isolation: a model is updated only if it is healthy, i.e. it was not
 frozen before (``failed`` < 0) and this step's loss and gradient checksums
-(fastgrok.kernels.layout.Workspace) are finite. Every program of a model computes the
+(check_tab of launch 1 and check of launch 3, fastgrok.kernels.layout.Workspace)
+are finite. Every program of a model computes the
 same decision from the same inputs. A model that turns non-finite now is
 frozen: block 0 writes the step into ``failed``; every program of the model
 skips its loads and stores. (The other programs may read ``failed`` before or
@@ -86,6 +87,7 @@ def adamw_kernel(
     EQ_TOKEN: tl.constexpr, POS_X: tl.constexpr, POS_OP: tl.constexpr, POS_Y: tl.constexpr, EQ_POS: tl.constexpr,
     OFF_W_E: tl.constexpr, OFF_W_pos: tl.constexpr, OFF_W_Q: tl.constexpr, OFF_W_K: tl.constexpr,
     OFF_W_V: tl.constexpr, OFF_W_O: tl.constexpr, P: tl.constexpr, NUM_RB: tl.constexpr, BLOCK_RB: tl.constexpr,
+    NUM_CHECK: tl.constexpr, BLOCK_CHECK: tl.constexpr,
     BETA1: tl.constexpr, BETA2: tl.constexpr, EPS: tl.constexpr, WITH_TABLE_GRADS: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DH: tl.constexpr,
     SCALE: tl.constexpr,
@@ -95,8 +97,9 @@ def adamw_kernel(
     step = tl.load(hyper_ptr).to(tl.int32)
     failed = tl.load(failed_ptr + m)
     slots = tl.arange(0, BLOCK_RB)
-    check = tl.load(check_ptr + m) + tl.sum(tl.load(check_tab_ptr + m * NUM_RB + slots, mask=slots < NUM_RB,
-                                                    other=0.0), axis=0)
+    reduced = tl.arange(0, BLOCK_CHECK)
+    check = (tl.sum(tl.load(check_ptr + m * NUM_CHECK + reduced, mask=reduced < NUM_CHECK, other=0.0), axis=0)
+             + tl.sum(tl.load(check_tab_ptr + m * NUM_RB + slots, mask=slots < NUM_RB, other=0.0), axis=0))
     loss = tl.load(loss_ptr + m)
     # |x| < inf is False for inf and NaN.
     finite = (tl.abs(loss) < float("inf")) & (tl.abs(check) < float("inf"))
@@ -138,7 +141,7 @@ def adamw_args(layout: Layout, params: Tensor, grads: Tensor, exp_avg: Tensor, e
     keep its registers low). arch: compute capability x10, picks launch options.
     """
     M = layout.check_flat(params=params, grads=grads, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
-    num_rb = ws.check_tab.shape[1]
+    num_rb, num_check = ws.check_tab.shape[1], ws.check.shape[1]
     return (M, 1 + triton.cdiv(layout.P - layout.offsets["W_O"], block)), dict(
         params_ptr=params, grads_ptr=grads, exp_avg_ptr=exp_avg, exp_avg_sq_ptr=exp_avg_sq, lr_ptr=lr, wd_ptr=wd,
         failed_ptr=failed, hyper_ptr=hyper, loss_ptr=ws.loss, check_ptr=ws.check, check_tab_ptr=ws.check_tab,
@@ -146,6 +149,7 @@ def adamw_args(layout: Layout, params: Tensor, grads: Tensor, exp_avg: Tensor, e
         D=layout.D, H=layout.H, Dh=layout.Dh, **layout.row_args(),
         **layout.offset_args("W_E", "W_pos", "W_Q", "W_K", "W_V", "W_O"),
         NUM_RB=num_rb, BLOCK_RB=triton.next_power_of_2(num_rb),
+        NUM_CHECK=num_check, BLOCK_CHECK=triton.next_power_of_2(num_check),
         BETA1=betas[0], BETA2=betas[1], EPS=eps, WITH_TABLE_GRADS=with_table_grads,
         BLOCK=block, BLOCK_R=block_r, BLOCK_C=block_c,
         BLOCK_DH=layout.block_dh, SCALE=layout.scale,

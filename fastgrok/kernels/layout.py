@@ -94,6 +94,13 @@ def launch_options(kernel: str, precision: str, arch: int) -> dict:
 ROW_ARGS = ("R", "OP_ROW", "FIRST_Y_ROW", "EQ_ROW", "OP_TOKEN", "EQ_TOKEN", "POS_X", "POS_OP", "POS_Y", "EQ_POS")
 
 
+# Launch 3's tiles (``kernels.reduce``): elements per program of the row sums, and
+# columns of the partial rows per program; they fix Workspace.check's width, the
+# slots every AdamW program sums (wide column blocks keep them few: 28 at the paper
+# config, where 2048 columns gave 88 and spilled the AdamW kernel's registers).
+REDUCE_BLOCKS = (16, 8192)
+
+
 @dataclass(frozen=True)
 class Layout:
     """``fastgrok.layout``'s parameter row and token rows, as the kernels take them.
@@ -162,13 +169,17 @@ class Layout:
         D, HD, H = self.D, self.H * self.Dh, self.H
         start = self.P - self.offsets["W_O"]
         return dict(TAIL_DC=start, TAIL_DV_OP=start + D, TAIL_DV_EQ=start + D + HD, TAIL_DS_OP=start + D + 2 * HD,
-                    TAIL_DS_EQ=start + D + 2 * HD + H, TAIL_LOSS=start + D + 2 * HD + 2 * H,
-                    TAIL_CHECK=start + D + 2 * HD + 2 * H + 1)
+                    TAIL_DS_EQ=start + D + 2 * HD + H, TAIL_LOSS=start + D + 2 * HD + 2 * H)
 
     @property
     def partial_len(self) -> int:
         """Floats per row of ``Workspace.partial``: the W_O..W_U gradients and the tail."""
-        return self.tail["TAIL_CHECK"] + 1
+        return self.tail["TAIL_LOSS"] + 1
+
+    def reduce_programs(self, block_e: int = REDUCE_BLOCKS[0], block: int = REDUCE_BLOCKS[1]) -> int:
+        """Programs per model of launch 3 (``kernels.reduce``): element blocks of block_e,
+        then partial-row blocks of block; each leaves one slot of ``Workspace.check``."""
+        return triton.cdiv(self.rows.n, block_e) + triton.cdiv(self.partial_len, block)
 
     def offset_args(self, *names: str) -> dict:
         """{"OFF_W_E": ..., ...} for the named parameters, plus the row length P."""
@@ -215,7 +226,8 @@ def row_token_pos(r, OP_ROW: tl.constexpr, FIRST_Y_ROW: tl.constexpr, EQ_ROW: tl
 # The dtype bf16-rounded operands enter tl.dot in. The interpreter
 # (TRITON_INTERPRET=1) has no working bfloat16 (its casts corrupt values), so
 # there they stay float32, which holds them exactly: the same products.
-OPERAND_BF16 = tl.constexpr(tl.float32 if os.environ.get("TRITON_INTERPRET") == "1" else tl.bfloat16)
+INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+OPERAND_BF16 = tl.constexpr(tl.float32 if INTERPRETING else tl.bfloat16)
 
 
 @triton.jit
@@ -246,6 +258,19 @@ def operand_dtype(precision: str) -> torch.dtype:
     if precision == "bf16" and os.environ.get("TRITON_INTERPRET") != "1":
         return torch.bfloat16
     return torch.int32 if precision == "bf16x3" else torch.float32
+
+
+@triton.jit
+def to_bf16(x):
+    """fp32 ``x`` rounded to bf16 (nearest, ties to even), in OPERAND_BF16: on a GPU the
+    conversion instruction itself (cvt.rn.bf16x2.f32, which keeps subnormals and
+    gives infinity past the largest finite bf16, as ``round_mantissa`` does), one
+    instruction per two values instead of ``round_mantissa``'s integer sequence;
+    in the interpreter ``round_mantissa``, whose result fp32 holds exactly."""
+    if INTERPRETING:
+        return round_mantissa(x, 16)
+    else:
+        return x.to(tl.bfloat16, fp_downcast_rounding="rtne")
 
 
 @triton.jit
@@ -281,7 +306,7 @@ def to_operand(x, PRECISION: tl.constexpr):
     if PRECISION == "tf32":
         return round_mantissa(x, 13)
     elif PRECISION == "bf16":
-        return round_mantissa(x, 16).to(OPERAND_BF16)
+        return to_bf16(x)
     elif PRECISION == "bf16x3":
         return split_bf16x3(x)
     else:
@@ -312,8 +337,8 @@ def _halves(x, READY: tl.constexpr):
     if READY:
         return unpack_bf16x3(x)
     else:
-        hi = round_mantissa(x, 16)
-        return hi, round_mantissa(x - hi, 16)
+        hi = to_bf16(x).to(tl.float32)
+        return hi, to_bf16(x - hi).to(tl.float32)
 
 
 @triton.jit
@@ -333,7 +358,9 @@ def mma(a, b, acc, PRECISION: tl.constexpr, A_READY: tl.constexpr = False, B_REA
     elif PRECISION == "tf32":
         return tl.dot(_rounded(a, 13, A_READY), _rounded(b, 13, B_READY), acc, input_precision="tf32")
     elif PRECISION == "bf16":
-        return tl.dot(_rounded(a, 16, A_READY).to(OPERAND_BF16), _rounded(b, 16, B_READY).to(OPERAND_BF16), acc)
+        a = a.to(OPERAND_BF16) if A_READY else to_bf16(a)
+        b = b.to(OPERAND_BF16) if B_READY else to_bf16(b)
+        return tl.dot(a, b, acc)
     else:
         tl.static_assert(PRECISION == "bf16x3", "PRECISION must be one of fp32, tf32, bf16, bf16x3")
         a_hi, a_lo = _halves(a, A_READY)
@@ -355,13 +382,13 @@ class Workspace:
     ds_x, ds_y (attention weights and score gradients of the x and y rows); per
     group of tiles, one row of ``partial`` (groups, ``partial_len``): the
     group's sums of the W_O..W_U gradients (the flat row's tail from W_O on),
-    then ``Tail``: dc, dV and dS of the operator and '=' rows, loss, checksum.
+    then ``Tail``: dc, dV and dS of the operator and '=' rows, and the loss.
     Launch 3 (``kernels.reduce``) sums them in a fixed order into the
-    gradients, dV, dS (M, R, ...), dc (M, D), loss (M,) and check (M,): the sum
-    of every gradient contribution of launch 2, with check_tab non-finite iff a
-    gradient would be (barring float32 overflow), the test the torch backend's
-    step applies to its gradients, known before the table backward computes
-    the last ones.
+    gradients, dV, dS (M, R, ...), dc (M, D) and loss (M,), and check (M,
+    ``Layout.reduce_programs``): each of its programs' sum of what it wrote.
+    check and check_tab together are non-finite iff a gradient would be
+    (barring float32 overflow), the test the torch backend's step applies to
+    its gradients, known before the table backward computes the last ones.
     The table backward then writes dq (M, H*Dh) and Rt (M, R, D), the rows'
     residual stream, and overwrites K with dK once it has used K.
     Launch 1 also writes ``weights`` (M, P - offset of W_O): the flat rows from
@@ -400,7 +427,7 @@ class Workspace:
         return cls(K=zeros(M, R, HD), V=zeros(M, R, HD), S=zeros(M, R, layout.H), q=zeros(M, HD),
                    dz=zeros(M, N, HD), co=zeros(M, N, 4, layout.H), partial=zeros(groups, layout.partial_len),
                    dV=zeros(M, R, HD), dS=zeros(M, R, layout.H), dq=zeros(M, HD), dc=zeros(M, layout.D),
-                   Rt=zeros(M, R, layout.D), loss=zeros(M), check=zeros(M),
+                   Rt=zeros(M, R, layout.D), loss=zeros(M), check=zeros(M, layout.reduce_programs()),
                    check_tab=zeros(M, triton.cdiv(R, block_r)),
                    weights=torch.zeros(M, layout.P - layout.offsets["W_O"], dtype=operand_dtype(precision),
                                        device=device))

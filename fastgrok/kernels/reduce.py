@@ -13,7 +13,13 @@ This launch sums both, grid (M, NB + cdiv(partial_len, BLOCK)):
   a_y, ds_y; an element no example uses gets zeros.
 * block b >= NB: BLOCK columns of the model's partial rows, summed in group
   order, into the flat gradients of W_O..W_U, dc, dV and dS of the operator
-  and '=' rows, the loss and the checksum (``Workspace``).
+  and '=' rows and the loss (``Workspace``).
+
+Each program also writes the sum of the gradients it wrote into its slot of
+``Workspace.check`` (M, programs): non-finite iff one of them is, the
+finiteness test the AdamW launch applies (summed there with launch 1's
+check_tab), here rather than in launch 2, whose per-chunk reductions to a
+scalar would cost cross-warp sums and barriers in its inner loops.
 
 Every output is written by one program and every sum has one order, which
 depends on the model's own training set only: two runs are bitwise equal and
@@ -28,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastgrok.kernels.examples import Tiles
-from fastgrok.kernels.layout import Layout, Workspace, launch_options
+from fastgrok.kernels.layout import REDUCE_BLOCKS, Layout, Workspace, launch_options
 
 
 @triton.jit
@@ -37,7 +43,8 @@ def _row_sums(m, elems, mask_e, order_ptr, start_ptr, dz_ptr, co_ptr, dV_ptr, dS
               Dh: tl.constexpr, R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
               BLOCK_DH: tl.constexpr):
     """dV and dS of rows first_row + elems: the model's examples of each element, in order.
-    Per example one (H,) load of each coefficient, broadcast over the head's Dh lanes."""
+    Per example one (H,) load of each coefficient, broadcast over the head's Dh lanes.
+    Returns the sum of what it wrote."""
     HD: tl.constexpr = H * Dh
     begin = tl.load(start_ptr + m * (N_ELEM + 1) + elems, mask=mask_e, other=0)
     count = tl.load(start_ptr + m * (N_ELEM + 1) + elems + 1, mask=mask_e, other=0) - begin
@@ -63,6 +70,7 @@ def _row_sums(m, elems, mask_e, order_ptr, start_ptr, dz_ptr, co_ptr, dV_ptr, dS
     tl.store(dV_ptr + m * (R * HD) + rows[:, None, None] * HD + cols[None, :, :], dV,
              mask=mask_e[:, None, None] & mask_c[None, :, :])
     tl.store(dS_ptr + m * (R * H) + rows[:, None] * H + heads[None, :], dS, mask=mask_e[:, None] & mask_h[None, :])
+    return tl.sum(tl.sum(tl.sum(dV, axis=2), axis=1), axis=0) + tl.sum(tl.sum(dS, axis=1), axis=0)
 
 
 @triton.jit
@@ -72,7 +80,7 @@ def reduce_kernel(
     D: tl.constexpr, H: tl.constexpr, Dh: tl.constexpr, R: tl.constexpr, OP_ROW: tl.constexpr,
     FIRST_Y_ROW: tl.constexpr, EQ_ROW: tl.constexpr, N_ELEM: tl.constexpr, OFF_W_O: tl.constexpr, P: tl.constexpr,
     TAIL_DC: tl.constexpr, TAIL_DV_OP: tl.constexpr, TAIL_DV_EQ: tl.constexpr, TAIL_DS_OP: tl.constexpr,
-    TAIL_DS_EQ: tl.constexpr, TAIL_LOSS: tl.constexpr, TAIL_CHECK: tl.constexpr, PARTIAL: tl.constexpr,
+    TAIL_DS_EQ: tl.constexpr, TAIL_LOSS: tl.constexpr, PARTIAL: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK: tl.constexpr,
 ):
     HD: tl.constexpr = H * Dh
@@ -82,10 +90,10 @@ def reduce_kernel(
     if blk < NB:
         elems = blk * BLOCK_E + tl.arange(0, BLOCK_E)
         mask_e = elems < N_ELEM
-        _row_sums(m, elems, mask_e, order_x_ptr, start_x_ptr, dz_ptr, co_ptr, dV_ptr, dS_ptr, 0, stride_data,
-                  max_row_count, 0, 2, N_ELEM, H, Dh, R, BLOCK_E, BLOCK_H, BLOCK_DH)
-        _row_sums(m, elems, mask_e, order_y_ptr, start_y_ptr, dz_ptr, co_ptr, dV_ptr, dS_ptr, FIRST_Y_ROW,
-                  stride_data, max_row_count, 1, 3, N_ELEM, H, Dh, R, BLOCK_E, BLOCK_H, BLOCK_DH)
+        check = _row_sums(m, elems, mask_e, order_x_ptr, start_x_ptr, dz_ptr, co_ptr, dV_ptr, dS_ptr, 0,
+                          stride_data, max_row_count, 0, 2, N_ELEM, H, Dh, R, BLOCK_E, BLOCK_H, BLOCK_DH)
+        check += _row_sums(m, elems, mask_e, order_y_ptr, start_y_ptr, dz_ptr, co_ptr, dV_ptr, dS_ptr, FIRST_Y_ROW,
+                           stride_data, max_row_count, 1, 3, N_ELEM, H, Dh, R, BLOCK_E, BLOCK_H, BLOCK_DH)
     else:
         c = (blk - NB) * BLOCK + tl.arange(0, BLOCK)
         mask = c < PARTIAL
@@ -104,18 +112,22 @@ def reduce_kernel(
         tl.store(dS_ptr + m * (R * H) + OP_ROW * H + (c - TAIL_DS_OP), s, mask=(c >= TAIL_DS_OP) & (c < TAIL_DS_EQ))
         tl.store(dS_ptr + m * (R * H) + EQ_ROW * H + (c - TAIL_DS_EQ), s, mask=(c >= TAIL_DS_EQ) & (c < TAIL_LOSS))
         tl.store(loss_ptr + m + (c - TAIL_LOSS), s, mask=c == TAIL_LOSS)
-        tl.store(check_ptr + m + (c - TAIL_CHECK), s, mask=c == TAIL_CHECK)
+        check = tl.sum(tl.where(c < TAIL_LOSS, s, 0.0), axis=0)
+    tl.store(check_ptr + m * tl.num_programs(1) + blk, check)
 
 
-def reduce_args(layout: Layout, grads: Tensor, ws: Workspace, tiles: Tiles, stride_data: int, block_e: int = 16,
-                block: int = 2048, arch: int = 90) -> tuple[tuple, dict]:
+def reduce_args(layout: Layout, grads: Tensor, ws: Workspace, tiles: Tiles, stride_data: int,
+                block_e: int = REDUCE_BLOCKS[0], block: int = REDUCE_BLOCKS[1], arch: int = 90) -> tuple[tuple, dict]:
     """Grid and keyword arguments of reduce_kernel; stride_data: N, the example slots per model."""
     M = layout.check_flat(grads=grads)
     n = layout.rows.n
     if tiles.start_x.shape != (M, n + 1) or ws.dz.shape[:2] != (M, stride_data):
         raise ValueError(f"tiles for {tuple(tiles.start_x.shape)} element starts and a workspace for "
                          f"{tuple(ws.dz.shape[:2])} examples; expected {(M, n + 1)} and {(M, stride_data)}")
-    grid = (M, triton.cdiv(n, block_e) + triton.cdiv(layout.partial_len, block))
+    grid = (M, layout.reduce_programs(block_e, block))
+    if ws.check.shape != grid:
+        raise ValueError(f"ws.check has shape {tuple(ws.check.shape)}; block_e={block_e}, block={block} need {grid} "
+                         f"(Workspace.allocate sizes it for the default REDUCE_BLOCKS {REDUCE_BLOCKS})")
     return grid, dict(
         grads_ptr=grads, dz_ptr=ws.dz, co_ptr=ws.co, partial_ptr=ws.partial, dV_ptr=ws.dV, dS_ptr=ws.dS,
         dc_ptr=ws.dc, loss_ptr=ws.loss, check_ptr=ws.check, group_first_ptr=tiles.group_first,
