@@ -22,24 +22,25 @@ its four attention scores and values are gathered from launch 1's row tables:
 
 then the stable cross-entropy of fastgrok.model (max subtracted, log1p of the
 wrong-class mass when the label is the argmax, the label's gradient
--(sum of the others)) in two passes over BLOCK_C logits at a time (online max
+-(sum of the others)) in two passes over BLOCK_V logits at a time (online max
 and rescaled wrong-class mass, then the gradient; the logits are computed
 twice, +3% FLOPs), scaled by the example's weight 1/D_m, and the backward pass.
 
 The tile's activations live in the program's own scratch row (written once,
-re-read by the next products; with one program per SM it stays in L2), stored
-as matmul operands (``fastgrok.kernels.layout.to_operand``: rounded once where
-written, bf16 storage for bf16, bf16x3's hi and lo packed in one word), plus, for
-the chained MLP, one fp32 row for the residual terms (resid_mid for resid_fin,
-dresid for d resid_mid; the fused MLP keeps them in registers). The weights come from launch 1's per-step operand copy
-(``Workspace.weights``), so no operand is rounded or split where it is
-multiplied except those made in registers. The residual-stream products (z W_O,
-dlogits W_U^T) take BLOCK_DC output columns at a time and the weight gradients
-BLOCK_G x BLOCK_C (or BLOCK_DC) chunks, their operands streamed BLOCK_K at a
-time (fastgrok.kernels.layout.gemm); BLOCK_G rows of 128 fill both warp groups'
-wgmma (a chunk of fewer rows than 64 per warp group is computed by both). The
-MLP comes in two variants (FUSED_MLP, per precision in ``TILINGS``; Triton holds
-a dot's accumulator and register operands in registers, 255 per thread, so what
+re-read by the next products; with one program per SM it stays in L2), stored as
+matmul operands (``fastgrok.kernels.layout.to_operand``: rounded once where
+written, bf16 storage for bf16, bf16x3's hi and lo packed in one word), plus,
+for the chained MLP, one fp32 row for the residual terms (resid_mid for
+resid_fin, dresid for d resid_mid; the fused MLP keeps them in registers). The
+weights come from launch 1's per-step operand copy (``Workspace.weights``), so
+no operand is rounded or split where it is multiplied except those made in
+registers. The residual-stream products (z W_O, dlogits W_U^T) take BLOCK_DC
+output columns at a time and the weight gradients BLOCK_G x BLOCK_C (BLOCK_V for
+W_U, BLOCK_DC for W_O) chunks, their operands streamed BLOCK_K at a time
+(fastgrok.kernels.layout.gemm); BLOCK_G rows of 128 fill both warp groups' wgmma
+(a chunk of fewer rows than 64 per warp group is computed by both). The MLP
+comes in two variants (FUSED_MLP, per precision in ``TILINGS``; Triton holds a
+dot's accumulator and register operands in registers, 255 per thread, so what
 fits differs):
 
 * fused: BLOCK_C hidden units at a time against the whole residual width
