@@ -468,9 +468,8 @@ def _tile(start, m, size, p, wt, g, part, S_tab, V_tab, dz_ptr, co_ptr, scratch,
           Z: tl.constexpr, RM: tl.constexpr, RF: tl.constexpr, DL: tl.constexpr, DRM: tl.constexpr,
           HID: tl.constexpr,
           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_C: tl.constexpr,
-          BLOCK_V: tl.constexpr,
-          BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DH: tl.constexpr, FUSED_MLP: tl.constexpr,
-          STAGE_TILES: tl.constexpr, PRECISION: tl.constexpr):
+          BLOCK_V: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DH: tl.constexpr,
+          FUSED_MLP: tl.constexpr, STAGE_TILES: tl.constexpr, PRECISION: tl.constexpr):
     """Forward and backward of one tile of BLOCK_N example slots from ``start`` of model m,
     its sums added into the group's ``partial`` row (``g``: that row minus OFF_W_O)."""
     HD: tl.constexpr = H * Dh

@@ -255,7 +255,7 @@ def operand_dtype(precision: str) -> torch.dtype:
     bf16x3 (a packed split, ``split_bf16x3``), else float32."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}; expected one of {', '.join(PRECISIONS)}")
-    if precision == "bf16" and os.environ.get("TRITON_INTERPRET") != "1":
+    if precision == "bf16" and not INTERPRETING.value:
         return torch.bfloat16
     return torch.int32 if precision == "bf16x3" else torch.float32
 
