@@ -938,7 +938,7 @@ def expected_matmul_flops(name: str, kw: dict, grid: tuple, L: Layout) -> int:
     """FLOPs (2 per product) of every tl.dot of a launch, by hand from the kernel's
     loops, padded to the blocks it computes: the reference for the cross-check.
     Dimensions come from the layout, block sizes from the launch's arguments."""
-    D, H, F, V, R, BDH = L.D, L.H, L.F, L.V, L.R, L.block_dh
+    D, H, F, V, BDH = L.D, L.H, L.F, L.V, L.block_dh
     HD, n = H * L.Dh, L.rows.n
     if name == "tables_forward_kernel":
         # per head, K and V: (BLOCK_R, BLOCK_DH) += (BLOCK_R, BLOCK_K) @ (BLOCK_K, BLOCK_DH)
@@ -973,10 +973,10 @@ def expected_matmul_flops(name: str, kw: dict, grid: tuple, L: Layout) -> int:
         return 0
     if name == "adamw_kernel":  # block 0 of each model: kernels.tables_backward
         BR, C = kw["BLOCK_R"], kw["BLOCK_C"]
-        dW_KV = 2 * _pad(D, C) * _pad(HD, C) * _pad(R, BR)
-        rows_dR = H * 2 * BR * C * BDH                     # one _rows_dR: dK W_K^T + dV W_V^T per head
-        dR = -(-D // C) * ((2 * -(-n // BR) + 1) * rows_dR + H * BR * C * BDH)   # x/y rows, op/= rows, dq W_Q^T
-        return 2 * (dW_KV + dR) * grid[0] if kw["WITH_TABLE_GRADS"] else 0
+        dW_V = _pad(D, C) * _pad(HD, C) * _pad(n + 4, BR)   # A^T B over the n + 4 folded rows
+        folded_dR = H * BR * C * BDH                       # one _folded_dR: B W_V^T per head
+        dR = -(-D // C) * ((-(-n // BR) + 1) * folded_dR + H * BR * C * BDH)   # element rows, 4 others, dq W_Q^T
+        return 2 * (dW_V + dR) * grid[0] if kw["WITH_TABLE_GRADS"] else 0
     raise KeyError(name)
 
 

@@ -81,7 +81,7 @@ def _adamw_block(params_ptr, grads_ptr, exp_avg_ptr, exp_avg_sq_ptr, offs, mask,
 @triton.jit
 def adamw_kernel(
     params_ptr, grads_ptr, exp_avg_ptr, exp_avg_sq_ptr, lr_ptr, wd_ptr, failed_ptr, hyper_ptr,
-    loss_ptr, check_ptr, check_tab_ptr, K_ptr, q_ptr, dV_ptr, dS_ptr, dq_ptr, dc_ptr, Rt_ptr,
+    loss_ptr, check_ptr, check_tab_ptr, K_ptr, S_ptr, q_ptr, dV_ptr, dS_ptr, dq_ptr, dc_ptr, Rt_ptr,
     D: tl.constexpr, H: tl.constexpr, Dh: tl.constexpr,
     R: tl.constexpr, OP_ROW: tl.constexpr, FIRST_Y_ROW: tl.constexpr, EQ_ROW: tl.constexpr, OP_TOKEN: tl.constexpr,
     EQ_TOKEN: tl.constexpr, POS_X: tl.constexpr, POS_OP: tl.constexpr, POS_Y: tl.constexpr, EQ_POS: tl.constexpr,
@@ -89,8 +89,8 @@ def adamw_kernel(
     OFF_W_V: tl.constexpr, OFF_W_O: tl.constexpr, P: tl.constexpr, NUM_RB: tl.constexpr, BLOCK_RB: tl.constexpr,
     NUM_CHECK: tl.constexpr, BLOCK_CHECK: tl.constexpr,
     BETA1: tl.constexpr, BETA2: tl.constexpr, EPS: tl.constexpr, WITH_TABLE_GRADS: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DH: tl.constexpr,
-    SCALE: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_DH: tl.constexpr, SCALE: tl.constexpr,
 ):
     m = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
@@ -114,10 +114,10 @@ def adamw_kernel(
     if blk == 0:
         tl.store(failed_ptr + m, step, mask=(failed < 0) & (finite == 0))
         if WITH_TABLE_GRADS:
-            tables_backward_tail(m, params_ptr, grads_ptr, K_ptr, q_ptr, dV_ptr, dS_ptr, dq_ptr, dc_ptr, Rt_ptr,
-                                 D, H, Dh, R, OP_ROW, FIRST_Y_ROW, EQ_ROW, OP_TOKEN, EQ_TOKEN, POS_X, POS_OP,
+            tables_backward_tail(m, params_ptr, grads_ptr, K_ptr, S_ptr, q_ptr, dV_ptr, dS_ptr, dq_ptr, dc_ptr,
+                                 Rt_ptr, D, H, Dh, R, OP_ROW, FIRST_Y_ROW, EQ_ROW, OP_TOKEN, EQ_TOKEN, POS_X, POS_OP,
                                  POS_Y, EQ_POS, OFF_W_E, OFF_W_pos, OFF_W_Q, OFF_W_K, OFF_W_V, P,
-                                 BLOCK_R, BLOCK_C, BLOCK_DH, SCALE)
+                                 BLOCK_R, BLOCK_C, BLOCK_H, BLOCK_DH, SCALE)
             tl.debug_barrier()  # the gradients just written are read by other threads below
         for start in range(0, OFF_W_O, BLOCK):
             offs = start + tl.arange(0, BLOCK)
@@ -145,13 +145,13 @@ def adamw_args(layout: Layout, params: Tensor, grads: Tensor, exp_avg: Tensor, e
     return (M, 1 + triton.cdiv(layout.P - layout.offsets["W_O"], block)), dict(
         params_ptr=params, grads_ptr=grads, exp_avg_ptr=exp_avg, exp_avg_sq_ptr=exp_avg_sq, lr_ptr=lr, wd_ptr=wd,
         failed_ptr=failed, hyper_ptr=hyper, loss_ptr=ws.loss, check_ptr=ws.check, check_tab_ptr=ws.check_tab,
-        K_ptr=ws.K, q_ptr=ws.q, dV_ptr=ws.dV, dS_ptr=ws.dS, dq_ptr=ws.dq, dc_ptr=ws.dc, Rt_ptr=ws.Rt,
+        K_ptr=ws.K, S_ptr=ws.S, q_ptr=ws.q, dV_ptr=ws.dV, dS_ptr=ws.dS, dq_ptr=ws.dq, dc_ptr=ws.dc, Rt_ptr=ws.Rt,
         D=layout.D, H=layout.H, Dh=layout.Dh, **layout.row_args(),
         **layout.offset_args("W_E", "W_pos", "W_Q", "W_K", "W_V", "W_O"),
         NUM_RB=num_rb, BLOCK_RB=triton.next_power_of_2(num_rb),
         NUM_CHECK=num_check, BLOCK_CHECK=triton.next_power_of_2(num_check),
         BETA1=betas[0], BETA2=betas[1], EPS=eps, WITH_TABLE_GRADS=with_table_grads,
-        BLOCK=block, BLOCK_R=block_r, BLOCK_C=block_c,
+        BLOCK=block, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_H=triton.next_power_of_2(layout.H),
         BLOCK_DH=layout.block_dh, SCALE=layout.scale,
         **launch_options("adamw", "fp32", arch),
     )

@@ -389,8 +389,9 @@ class Workspace:
     check and check_tab together are non-finite iff a gradient would be
     (barring float32 overflow), the test the torch backend's step applies to
     its gradients, known before the table backward computes the last ones.
-    The table backward then writes dq (M, H*Dh) and Rt (M, R, D), the rows'
-    residual stream, and overwrites K with dK once it has used K.
+    The table backward then writes dq (M, H*Dh), into Rt (M, R, D) the
+    residual stream of its n + 4 folded rows, and over K and S the folded
+    rows of dV and dS (kernels.tables_backward).
     Launch 1 also writes ``weights`` (M, P - offset of W_O): the flat rows from
     W_O on as matmul operands at the population's precision (``to_operand``:
     rounded once per step, bf16 storage for bf16), which launch 2 multiplies by.
