@@ -43,7 +43,11 @@ Per model-step (a kernel's total over its grid divided by the M models):
   that instruction kind and input type;
 * fp32-pipe time (FFMA/FADD/FMUL), issue time at IPC 1 and at REALISTIC_IPC;
 * L2 bytes: every global load/store/atomic x its dynamic count x its width x
-  32 lanes (an upper bound: no L1 hits, replicated lanes counted);
+  its distinct lanes: 32 over the lanes that request each element, from the
+  layout of its pointer tensor in the TTGIR (``ttgir_memory_replication``: a
+  bias broadcast over the rows of an MMA tile is requested by 4 of 32 lanes;
+  the coalescer merges equal addresses of a warp-instruction). An upper
+  bound: no L1 hits, masked lanes counted;
 * HBM bytes: each buffer the kernel touches (memory instructions attributed
   to a pointer argument through the source) counted once per direction,
   whole, capped at its L2 bytes (a lower bound: perfect L2 reuse in a launch);
@@ -782,6 +786,85 @@ def ttgir_dots(ttgir: str) -> list[Dot]:
     return dots
 
 
+def _bracketed(text: str, start: int) -> str:
+    """text[start:] up to the '>' that closes the '<' at text[start - 1]."""
+    depth = 1
+    for i in range(start, len(text)):
+        depth += {"<": 1, ">": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start:i]
+    raise ValueError(f"unbalanced <> in {text[start - 1:start + 80]!r}")
+
+
+def _ints(text: str, key: str) -> list[int]:
+    return [int(v) for v in re.search(key + r" = \[([\d, ]*)\]", text).group(1).split(",") if v.strip()]
+
+
+def lane_bases(layout: str, shape: list[int], aliases: dict) -> list[list[int]] | None:
+    """The lane bases of a distributed TTGIR layout on ``shape`` (Triton's linear layout:
+    the element offsets, per dim, that each of the 5 lane-id bits adds; a zero basis
+    means the lanes differing in that bit hold the same elements), or None if the
+    layout is not one this model reads. Blocked layouts: lanes stride by
+    sizePerThread, fastest dim in ``order`` first; Hopper and Ampere MMA layouts
+    (accumulators): a warp is 8 rows x 4 lane pairs of columns; a slice is its
+    parent on the shape with the sliced dim of size 1, which zeroes that dim's
+    bases; a basis reaching past the shape is zero (broadcast)."""
+    layout = layout.strip()
+    if layout in aliases:
+        return lane_bases(aliases[layout], shape, aliases)
+    kind = re.match(r"#ttg\.(\w+)<", layout)
+    if not kind:
+        return None
+    body = _bracketed(layout, kind.end())
+    rank = len(shape)
+
+    def basis(dim, value):
+        return [value if d == dim and value < shape[d] else 0 for d in range(rank)]
+    if kind.group(1) == "blocked":
+        spt, tpw, order = _ints(body, "sizePerThread"), _ints(body, "threadsPerWarp"), _ints(body, "order")
+        return [basis(d, spt[d] << i) for d in order for i in range(tpw[d].bit_length() - 1)]
+    if kind.group(1) == "nvidia_mma" and rank == 2:
+        return [basis(1, 2), basis(1, 4), basis(0, 1), basis(0, 2), basis(0, 4)]
+    if kind.group(1) == "linear":
+        lanes = re.search(r"lane = \[(.*?)\], warp =", body).group(1)
+        return [[int(v) for v in b.split(",")] for b in re.findall(r"\[([\d, ]+)\]", lanes)]
+    if kind.group(1) == "slice":
+        dim = int(re.search(r"dim = (\d+)", body).group(1))
+        parent_layout = body.split("parent = ", 1)[1].rstrip()[:-1]          # up to the body's closing brace
+        parent = lane_bases(parent_layout, shape[:dim] + [1] + shape[dim:], aliases)
+        return None if parent is None else [b[:dim] + b[dim + 1:] for b in parent]
+    return None
+
+
+def ttgir_memory_replication(ttgir: str) -> dict[tuple, int]:
+    """Source chain -> how many lanes of a warp request each element in the global loads,
+    stores and async copies there (the smallest over the ops of that chain): 2 ^ (zero
+    lane bases) of the pointer tensor's layout, WARP for a scalar pointer (every lane
+    requests the one address). The L2 serves one request per distinct address of a
+    warp-instruction, so these lanes' bytes count once."""
+    aliases = dict(re.findall(r"^(#\w+) = (#ttg\.\w+<.*>)\s*$", ttgir, re.M))
+    chain = _loc_chains(ttgir)
+    out: dict[tuple, int] = {}
+    for line in ttgir.splitlines():
+        if not re.search(r"\b(tt\.load|tt\.store|ttg\.async_copy_global_to_local) ", line):
+            continue
+        loc = re.search(r"loc\((#loc\d*)\)\s*$", line)
+        if not loc or " : " not in line:
+            continue
+        types = line.rsplit(" loc(", 1)[0].split(" : ", 1)[1]
+        at = types.find("tensor<")
+        if at < 0:
+            factor = WARP if types.lstrip().startswith("!tt.ptr") else 1
+        else:
+            text = _bracketed(types, at + len("tensor<"))
+            dims, layout = re.match(r"((?:\d+x)+)!tt\.ptr<\w+>, (.*)$", text).groups()
+            bases = lane_bases(layout, [int(d) for d in dims.rstrip("x").split("x")], aliases)
+            factor = 1 if bases is None else 2 ** sum(not any(b) for b in bases)
+        key = chain(loc.group(1))
+        out[key] = min(out.get(key, factor), factor)
+    return out
+
+
 def dot_flops(dots: list[Dot], launch: "Launch", replicated: bool = True) -> float:
     """FLOPs of ``dots`` over the launch grid, each dot times the source loops around it."""
     total = 0.0
@@ -830,15 +913,22 @@ def analyze(fn, kwargs: dict, grid: tuple, arch: int) -> KernelModel:
     sass = disassemble(cubin_with_source_lines(compiled, arch))
     launch = Launch(kwargs, grid)
     model = count(sass, launch, KernelModel(fn.__name__, arch, str(kwargs.get("PRECISION", "-")), tuple(grid),
-                                            res.num_warps, res.registers, res.shared_bytes, sass))
+                                            res.num_warps, res.registers, res.shared_bytes, sass),
+                  ttgir_memory_replication(compiled.asm["ttgir"]))
     dots = ttgir_dots(compiled.asm["ttgir"])
     model.dot_flops, model.useful_dot_flops = dot_flops(dots, launch), dot_flops(dots, launch, replicated=False)
     return model
 
 
-def count(sass: str, launch: Launch, model: KernelModel) -> KernelModel:
+def count(sass: str, launch: Launch, model: KernelModel, replication: dict | None = None) -> KernelModel:
     """Fill ``model`` from a disassembly: each instruction once per program, times the
-    trips of the SASS loops around it and the weight of the source ``if``s around it."""
+    trips of the SASS loops around it and the weight of the source ``if``s around it.
+    replication: ``ttgir_memory_replication``'s, by which a memory instruction's lane
+    bytes are divided (its chain's, else the smallest on its innermost line, else 1)."""
+    replication = replication or {}
+    by_line: dict = {}
+    for chain, factor in replication.items():
+        by_line[chain[:1]] = min(by_line.get(chain[:1], factor), factor)
     instrs, labels = parse_sass(sass)
     loops = find_loops(instrs, labels)
     trips, source, counted = {}, {}, {}
@@ -883,7 +973,8 @@ def count(sass: str, launch: Launch, model: KernelModel) -> KernelModel:
             kind = GLOBAL_MEMORY.get(i.base)
             if kind:
                 buf = (launch.buffer(chain, kind) if chain else None) or "(unattributed)"
-                l2[buf] += total * WARP * lane_bytes(i)
+                lanes = WARP / replication.get(chain, by_line.get(chain[:1], 1))
+                l2[buf] += total * lanes * lane_bytes(i)
                 model.touched.setdefault(buf, set()).add(kind)
             if is_float_atomic(i.opcode):
                 model.atomics_executed += total

@@ -121,6 +121,44 @@ def test_dot_in_nested_loops_counts_known_flops_and_bytes(arch, K):
     assert outer == [(n_outer, n_outer)], model.loops
 
 
+@triton.jit
+def _broadcast_bias(bias_ptr, scale_ptr, out_ptr, BM: tl.constexpr, BN: tl.constexpr):
+    offs_m = tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    bias = tl.load(bias_ptr + offs_n)                  # (BN,), the same for every row
+    scale = tl.load(scale_ptr)                         # one address for every lane
+    tl.store(out_ptr + offs_m[:, None] * BN + offs_n[None, :], (offs_m[:, None] + bias[None, :]) * scale)
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_broadcast_loads_count_each_address_once_per_warp(arch):
+    """A bias broadcast over a tile's rows and a scalar: the L2 sees one request per
+    distinct address of a warp-instruction, so each of the 4 warps moves the BN-float
+    bias once and the scalar's 4 bytes once; the tile's stores are all distinct."""
+    BM, BN, warps, programs = 64, 16, 4, 3
+    kwargs = dict(bias_ptr=META, scale_ptr=META, out_ptr=META, BM=BM, BN=BN, num_warps=warps, num_stages=1)
+    model = sm.analyze(_broadcast_bias, kwargs, (programs,), arch)
+    assert model.l2_bytes["bias_ptr"] == 4 * BN * warps * programs
+    assert model.l2_bytes["scale_ptr"] == 4 * warps * programs
+    assert model.l2_bytes["out_ptr"] == 4 * BM * BN * programs
+
+
+def test_lane_bases_of_the_layouts_the_kernels_load_with():
+    """Triton's linear layouts (as triton.experimental.gluon's to_linear_layout gives
+    them) for a blocked tile smaller than its layout, a slice of an MMA accumulator
+    and a doubly sliced 3-D blocked layout."""
+    aliases = {"#blocked": "#ttg.blocked<{sizePerThread = [1, 1, 4], threadsPerWarp = [1, 8, 4], "
+                           "warpsPerCTA = [4, 1, 1], order = [2, 1, 0]}>",
+               "#mma": "#ttg.nvidia_mma<{versionMajor = 3, versionMinor = 0, warpsPerCTA = [8, 1], "
+                       "instrShape = [16, 32, 16]}>"}
+    blocked = "#ttg.blocked<{sizePerThread = [1, 4], threadsPerWarp = [8, 4], warpsPerCTA = [8, 1], order = [1, 0]}>"
+    assert sm.lane_bases(blocked, [128, 32], {}) == [[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]]
+    assert sm.lane_bases(blocked, [2, 8], {}) == [[0, 4], [0, 0], [1, 0], [0, 0], [0, 0]]
+    assert sm.lane_bases("#ttg.slice<{dim = 0, parent = #mma}>", [32], aliases) == [[2], [4], [0], [0], [0]]
+    nested = "#ttg.slice<{dim = 1, parent = #ttg.slice<{dim = 2, parent = #blocked}>}>"
+    assert sm.lane_bases(nested, [16], aliases) == [[0]] * 5
+
+
 def test_sass_counter_trip_count_of_an_unrolled_loop():
     """A counter from 0x20 by 0xa0 while < 0x3e0: 6 iterations (the peeled and
     5-fold unrolled loop of K = 1024 above), whatever the source range says."""
