@@ -176,6 +176,11 @@ class Layout:
         """Floats per row of ``Workspace.partial``: the W_O..W_U gradients and the tail."""
         return self.tail["TAIL_LOSS"] + 1
 
+    def table_programs(self, block_r: int) -> int:
+        """Programs per model of launch 1 (``kernels.tables_forward``): blocks of block_r of
+        the n + 2 tokens (elements, operator, '='); each leaves one slot of ``Workspace.check_tab``."""
+        return triton.cdiv(self.rows.n + 2, block_r)
+
     def reduce_programs(self, block_e: int = REDUCE_BLOCKS[0], block: int = REDUCE_BLOCKS[1]) -> int:
         """Programs per model of launch 3 (``kernels.reduce``): element blocks of block_e,
         then partial-row blocks of block; each leaves one slot of ``Workspace.check``."""
@@ -202,8 +207,9 @@ class Layout:
 
 def _check_row_order(rows: TokenRows) -> None:
     """The kernels take every row number from ``rows`` but rely on their order
-    (fastgrok.layout): the token and position ``row_token_pos`` gives each row,
-    mirrored here, must be TokenRows's."""
+    (fastgrok.layout): x rows (row = element), the operator, y rows (FIRST_Y_ROW +
+    element), '='; the token and position of each row in that order, built here,
+    must be TokenRows's."""
     r = np.arange(rows.R)
     x_rows, op_row, y_rows = r < rows.op_row, r == rows.op_row, r < rows.eq_row
     token = np.where(x_rows, r, np.where(op_row, rows.op_token, np.where(y_rows, r - rows.first_y_row, rows.eq_token)))
@@ -211,16 +217,6 @@ def _check_row_order(rows: TokenRows) -> None:
     if not (np.array_equal(token, rows.token) and np.array_equal(pos, rows.pos)):
         raise ValueError(f"TokenRows(n={rows.n}) are not in the order the fused kernels assume "
                          "(x rows, the operator, y rows, '=')")
-
-
-@triton.jit
-def row_token_pos(r, OP_ROW: tl.constexpr, FIRST_Y_ROW: tl.constexpr, EQ_ROW: tl.constexpr, OP_TOKEN: tl.constexpr,
-                  EQ_TOKEN: tl.constexpr, POS_X: tl.constexpr, POS_OP: tl.constexpr, POS_Y: tl.constexpr,
-                  EQ_POS: tl.constexpr):
-    """Token and position of (token, position) row r: x rows (row = element), the operator, y rows, '='."""
-    token = tl.where(r < OP_ROW, r, tl.where(r == OP_ROW, OP_TOKEN, tl.where(r < EQ_ROW, r - FIRST_Y_ROW, EQ_TOKEN)))
-    pos = tl.where(r < OP_ROW, POS_X, tl.where(r == OP_ROW, POS_OP, tl.where(r < EQ_ROW, POS_Y, EQ_POS)))
-    return token, pos
 
 
 # The dtype bf16-rounded operands enter tl.dot in. The interpreter
@@ -375,7 +371,7 @@ class Workspace:
     """Per-step scratch of the fused kernels, float32, every sum in a fixed order.
 
     Launch 1: K, V (M, R, H*Dh) key and value tables, S (M, R, H) scaled
-    scores, q (M, H*Dh) the query, check_tab (M, row blocks) the sum of each
+    scores, q (M, H*Dh) the query, check_tab (M, token blocks) the sum of each
     program's tables.
     Launch 2 (examples) writes no sum across tiles: per example slot, dz (M, N,
     H*Dh) the gradient of the attention output and co (M, N, 4, H) its a_x, a_y,
@@ -429,7 +425,7 @@ class Workspace:
                    dz=zeros(M, N, HD), co=zeros(M, N, 4, layout.H), partial=zeros(groups, layout.partial_len),
                    dV=zeros(M, R, HD), dS=zeros(M, R, layout.H), dq=zeros(M, HD), dc=zeros(M, layout.D),
                    Rt=zeros(M, R, layout.D), loss=zeros(M), check=zeros(M, layout.reduce_programs()),
-                   check_tab=zeros(M, triton.cdiv(R, block_r)),
+                   check_tab=zeros(M, layout.table_programs(block_r)),
                    weights=torch.zeros(M, layout.P - layout.offsets["W_O"], dtype=operand_dtype(precision),
                                        device=device))
 

@@ -9,14 +9,20 @@ Algorithm (fastgrok.backends.torch_engine docstring): every key and value depend
     q     = c @ W_Q,  c = W_E[=] + W_pos[3]            (H*Dh,)
     S_tab[r, h] = K_tab[r, h] . q[h] / sqrt(Dh)        (R, H)
 
-and the example kernel only gathers rows. Grid (M, cdiv(R, BLOCK_R)); a
-program projects BLOCK_R rows of R_tab one head and BLOCK_K columns of
-d_model at a time (operands of (BLOCK_R, BLOCK_K) and (BLOCK_K, Dh)).
+and the example kernel only gathers rows. The products are linear in the
+rows, and an element's x-row and y-row differ only in their W_pos row, so a
+program projects its element tokens' W_E rows once, K_E = W_E[e] W_K, and
+writes K_tab[x-row e] = K_E + W_pos[POS_X] W_K and K_tab[y-row e] = K_E +
+W_pos[POS_Y] W_K (the same for V): the n + 2 tokens (elements, operator, '=',
+the last two with their positions' W_pos rows) take half the FLOPs of the
+2n + 2 rows. Grid (M, cdiv(n + 2, BLOCK_R)) (``Layout.table_programs``); a
+program projects BLOCK_R tokens one head and BLOCK_K columns of d_model at a
+time (operands of (BLOCK_R, BLOCK_K) and (BLOCK_K, Dh)).
 
 The products are fp32 (tl.dot in "ieee" mode) whatever the population's
 matmul precision (fastgrok.precision: the tables are computed once per step
 on a few hundred rows). Each program also writes the sum of its tables to
-its own check_tab slot, and rounds 1/cdiv(R, BLOCK_R) of the model's W_O..W_U
+its own check_tab slot, and rounds 1/cdiv(n + 2, BLOCK_R) of the model's W_O..W_U
 into ``weights``, the example kernel's operands at the population's precision
 (fastgrok.kernels.layout.Workspace).
 
@@ -34,7 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastgrok.backends.torch_engine import tables_forward
-from fastgrok.kernels.layout import Layout, Workspace, launch_options, mma, row_token_pos, to_operand
+from fastgrok.kernels.layout import Layout, Workspace, launch_options, mma, to_operand
 from fastgrok.layout import TokenRows
 
 
@@ -45,6 +51,12 @@ def tables_forward_ref(params: dict[str, Tensor], rows: TokenRows) -> tuple[Tens
                                         torch.as_tensor(rows.pos, device=device)))
     M, R = tab.K_tab.shape[:2]
     return tab.K_tab.reshape(M, R, -1), tab.V_tab.reshape(M, R, -1), tab.S_tab
+
+
+@triton.jit
+def _pos_projection(p, pos, offs_k, mask_k, w, OFF_W_pos: tl.constexpr, D: tl.constexpr):
+    """W_pos[pos] (BLOCK_K columns offs_k) times the (BLOCK_K, BLOCK_DH) weight block w."""
+    return tl.sum(tl.load(p + OFF_W_pos + pos * D + offs_k, mask=mask_k, other=0.0)[:, None] * w, axis=0)
 
 
 @triton.jit
@@ -59,47 +71,74 @@ def tables_forward_kernel(
     WEIGHTS_PRECISION: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     HD: tl.constexpr = H * Dh
-    NUM_RB: tl.constexpr = (R + BLOCK_R - 1) // BLOCK_R
+    NUM_RB: tl.constexpr = (OP_ROW + 2 + BLOCK_R - 1) // BLOCK_R
     m = tl.program_id(0).to(tl.int64)
     rb = tl.program_id(1)
     p = params_ptr + m * P
 
-    offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_r = offs_r < R
-    token, pos = row_token_pos(offs_r, OP_ROW, FIRST_Y_ROW, EQ_ROW, OP_TOKEN, EQ_TOKEN, POS_X, POS_OP, POS_Y, EQ_POS)
+    # This program's tokens: elements (token e: x-row e and y-row FIRST_Y_ROW + e), then
+    # the operator and '=' (one row each, their positions' W_pos rows included).
+    f = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_t = f < OP_ROW + 2
+    is_elem = f < OP_ROW
+    special = mask_t & (f >= OP_ROW)
+    token = tl.where(is_elem, f, tl.where(f == OP_ROW, OP_TOKEN, EQ_TOKEN))
+    pos = tl.where(f == OP_ROW, POS_OP, EQ_POS)
+    row_a = tl.where(is_elem, f, tl.where(f == OP_ROW, OP_ROW, EQ_ROW))   # x-row, or the operator's or '=' row
+    row_b = FIRST_Y_ROW + f                                              # y-row (elements only)
     lanes = tl.arange(0, BLOCK_DH)
     mask_l = lanes < Dh
-    mask_rl = mask_r[:, None] & mask_l[None, :]
-    tab_rows = m * (R * HD) + offs_r[:, None] * HD
+    mask_al = mask_t[:, None] & mask_l[None, :]
+    mask_bl = is_elem[:, None] & mask_l[None, :]
     checksum = tl.zeros((), tl.float32)
     for h in range(H):
-        # K = R_tab W_K[h], V = R_tab W_V[h], q = c W_Q[h], d_model BLOCK_K at a time;
-        # R_tab's rows are gathered from W_E and W_pos as they are needed.
+        # T = W_E[token] W_[h] (+ W_pos[pos] W_[h] for the operator and '='), q = c W_Q[h] and
+        # the x and y positions' rows W_pos[POS_X] W_[h], W_pos[POS_Y] W_[h], d_model BLOCK_K
+        # at a time; an element's x-row is T + the x position's, its y-row T + the y position's.
         K = tl.zeros((BLOCK_R, BLOCK_DH), tl.float32)
         Vh = tl.zeros((BLOCK_R, BLOCK_DH), tl.float32)
         q = tl.zeros((BLOCK_DH,), tl.float32)
+        K_x = tl.zeros((BLOCK_DH,), tl.float32)
+        K_y = tl.zeros((BLOCK_DH,), tl.float32)
+        V_x = tl.zeros((BLOCK_DH,), tl.float32)
+        V_y = tl.zeros((BLOCK_DH,), tl.float32)
         for k0 in range(0, D, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < D
-            mask_rk = mask_r[:, None] & mask_k[None, :]
-            resid = (tl.load(p + OFF_W_E + token[:, None] * D + offs_k[None, :], mask=mask_rk, other=0.0)
-                     + tl.load(p + OFF_W_pos + pos[:, None] * D + offs_k[None, :], mask=mask_rk, other=0.0))
+            resid = (tl.load(p + OFF_W_E + token[:, None] * D + offs_k[None, :],
+                             mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+                     + tl.load(p + OFF_W_pos + pos[:, None] * D + offs_k[None, :],
+                               mask=special[:, None] & mask_k[None, :], other=0.0))
             w_offs = h * (D * Dh) + offs_k[:, None] * Dh + lanes[None, :]
             mask_kl = mask_k[:, None] & mask_l[None, :]
-            K = mma(resid, tl.load(p + OFF_W_K + w_offs, mask=mask_kl, other=0.0), K, "fp32")
-            Vh = mma(resid, tl.load(p + OFF_W_V + w_offs, mask=mask_kl, other=0.0), Vh, "fp32")
+            w_k = tl.load(p + OFF_W_K + w_offs, mask=mask_kl, other=0.0)
+            w_v = tl.load(p + OFF_W_V + w_offs, mask=mask_kl, other=0.0)
+            K = mma(resid, w_k, K, "fp32")
+            Vh = mma(resid, w_v, Vh, "fp32")
+            K_x += _pos_projection(p, POS_X, offs_k, mask_k, w_k, OFF_W_pos, D)
+            K_y += _pos_projection(p, POS_Y, offs_k, mask_k, w_k, OFF_W_pos, D)
+            V_x += _pos_projection(p, POS_X, offs_k, mask_k, w_v, OFF_W_pos, D)
+            V_y += _pos_projection(p, POS_Y, offs_k, mask_k, w_v, OFF_W_pos, D)
             c = (tl.load(p + OFF_W_E + EQ_TOKEN * D + offs_k, mask=mask_k, other=0.0)
                  + tl.load(p + OFF_W_pos + EQ_POS * D + offs_k, mask=mask_k, other=0.0))
             q += tl.sum(c[:, None] * tl.load(p + OFF_W_Q + w_offs, mask=mask_kl, other=0.0), axis=0)
-        cols = tab_rows + h * Dh + lanes[None, :]
-        tl.store(K_ptr + cols, K, mask=mask_rl)
-        tl.store(V_ptr + cols, Vh, mask=mask_rl)
-        s_offs = m * (R * H) + offs_r * H + h
-        tl.store(S_ptr + s_offs, tl.sum(K * q[None, :], axis=1) * SCALE, mask=mask_r)
+        K_a = tl.where(is_elem[:, None], K + K_x[None, :], K)
+        V_a = tl.where(is_elem[:, None], Vh + V_x[None, :], Vh)
+        K_b = tl.where(mask_bl, K + K_y[None, :], 0.0)
+        V_b = tl.where(mask_bl, Vh + V_y[None, :], 0.0)
+        cols = m * (R * HD) + h * Dh + lanes[None, :]
+        tl.store(K_ptr + cols + row_a[:, None] * HD, K_a, mask=mask_al)
+        tl.store(V_ptr + cols + row_a[:, None] * HD, V_a, mask=mask_al)
+        tl.store(K_ptr + cols + row_b[:, None] * HD, K_b, mask=mask_bl)
+        tl.store(V_ptr + cols + row_b[:, None] * HD, V_b, mask=mask_bl)
+        s_offs = m * (R * H) + h
+        tl.store(S_ptr + s_offs + row_a * H, tl.sum(K_a * q[None, :], axis=1) * SCALE, mask=mask_t)
+        tl.store(S_ptr + s_offs + row_b * H, tl.sum(K_b * q[None, :], axis=1) * SCALE, mask=is_elem)
         tl.store(q_ptr + m * HD + h * Dh + lanes, q, mask=lanes < tl.where(rb == 0, Dh, 0))
         # Non-finite weights reach the gradients of W_E..W_V through these
-        # tables even where no example uses a row (0 * inf), so they count.
-        checksum += tl.sum(tl.sum(K + Vh, axis=1), axis=0) + tl.sum(q, axis=0)
+        # tables even where no example uses a row (0 * inf), so they count
+        # (padded rows and lanes are zeros).
+        checksum += tl.sum(tl.sum(K_a + V_a + K_b + V_b, axis=1), axis=0) + tl.sum(q, axis=0)
     tl.store(check_tab_ptr + m * NUM_RB + rb, checksum)
 
     # This program's slice of the model's W_O..W_U as the example kernel's operands, at the
@@ -122,7 +161,7 @@ def tables_forward_args(layout: Layout, params: Tensor, ws: Workspace, precision
     arch: compute capability x10 of the GPU, which picks the launch options.
     """
     M = params.shape[0]
-    grid = (M, triton.cdiv(layout.R, block_r))
+    grid = (M, layout.table_programs(block_r))
     if ws.check_tab.shape != grid:
         raise ValueError(f"ws.check_tab has shape {tuple(ws.check_tab.shape)}; block_r={block_r} needs {grid}")
     ws.check_precision(precision)
