@@ -1053,7 +1053,8 @@ def expected_matmul_flops(name: str, kw: dict, grid: tuple, L: Layout) -> int:
         else:                   # chained products, BLOCK_C columns at a time
             mlp = (out(F, D) + out(D, F)                                # hidden, resid_fin
                    + wgrad(F, D, G, C) + out(F, D) + wgrad(D, F, G, C) + out(D, F))  # dW_out, dpre, dW_in, d resid_mid
-        per_tile = (out(D, HD, DC) + mlp + 2 * out(V, D, BV)            # resid_mid, MLP, 2x logits
+        passes = 1 if kw["ONE_PASS"] else 2                             # the logits once, or twice
+        per_tile = (out(D, HD, DC) + mlp + passes * out(V, D, BV)       # resid_mid, MLP, logits
                     + wgrad(D, V, G, BV) + out(D, V, DC)                # dW_U, dresid
                     + wgrad(HD, D, G, DC)                               # dW_O
                     + H * N * BDH * (BD if kw["STAGE_TILES"] else _pad(D, K)))  # dz, per head
@@ -1206,12 +1207,12 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: the precision's, fastgrok.kernels.examples.TILINGS)")
     args = parser.parse_args(argv)
     try:
-        tiling = {k: (v == "1") if k in ("fused_mlp", "stage_tiles") else int(v)
+        tiling = {k: (v == "1") if k in ("fused_mlp", "stage_tiles", "one_pass") else int(v)
                   for k, v in (item.split("=") for item in args.tiling.split(",") if item)}
         options = Options(**tiling)
     except (ValueError, TypeError) as e:
         parser.error(f"--tiling {args.tiling!r}: {e} (keys: block_n, block_c, block_v, block_g, block_k, group_tiles, "
-                     "fused_mlp=0|1, stage_tiles=0|1)")
+                     "fused_mlp=0|1, stage_tiles=0|1, one_pass=0|1)")
     cfg = get_preset(args.preset).model
     layout = Layout.from_config(cfg)
     M, D = args.models, args.train_size

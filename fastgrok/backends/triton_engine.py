@@ -39,11 +39,12 @@ Options, the constructor's arguments:
 
 * cuda_graph: capture the four launches in a CUDA graph once the kernels
   are compiled and replay it every step.
-* block_n, block_c, block_v, block_g, block_k, group_tiles, fused_mlp, stage_tiles, programs:
-  tiles of the example kernel, tiles per group (one program and one partial
-  row per group: more tiles per group is less memory, 4 (P - offset of W_O)
-  bytes per group, and fewer work items), its MLP variant and whether the
-  fused one holds a tile's operands on chip across its chunks
+* block_n, block_c, block_v, block_g, block_k, group_tiles, fused_mlp, stage_tiles, one_pass,
+  programs: tiles of the example kernel, tiles per group (one program and one
+  partial row per group: more tiles per group is less memory, 4 (P - offset of
+  W_O) bytes per group, and fewer work items), its MLP variant and whether the
+  fused one holds a tile's operands on chip across its chunks, whether its
+  cross-entropy takes one pass over one chunk of every logit
   (fastgrok.kernels.examples docstring), and its persistent grid. None (the default) takes
   the precision's tiles, fastgrok.kernels.examples.TILINGS, which compile
   without spills on sm_80 and sm_90 (bench/triton_resources.py).
@@ -89,7 +90,7 @@ class Options:
     """cuda_graph, self_check: see the module docstring. block_n examples per tile,
     block_c the hidden-unit chunk, block_v the logit chunk, block_g the rows of a weight-gradient chunk
     and block_k the reduction chunk of the example kernel's matmuls, group_tiles tiles
-    per group, fused_mlp and stage_tiles (see the module docstring); None: the
+    per group, fused_mlp, stage_tiles and one_pass (see the module docstring); None: the
     precision's (``for_precision``). programs: the size of its persistent grid (None:
     one per SM, as many as fit at 255 registers per thread; 4 without a GPU)."""
 
@@ -104,6 +105,7 @@ class Options:
     self_check: bool = True
     fused_mlp: bool | None = None
     stage_tiles: bool | None = None
+    one_pass: bool | None = None
 
     def __post_init__(self):
         for name in ("cuda_graph", "self_check"):
@@ -113,7 +115,7 @@ class Options:
             raise ValueError(f"programs={self.programs!r}: must be an integer >= 1 (or None for one per SM)")
         if self.group_tiles is not None and (not isinstance(self.group_tiles, int) or self.group_tiles < 1):
             raise ValueError(f"group_tiles={self.group_tiles!r}: must be an integer >= 1 (or None)")
-        for name in ("fused_mlp", "stage_tiles"):
+        for name in ("fused_mlp", "stage_tiles", "one_pass"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be True, False or None")
         for name in ("block_n", "block_c", "block_v", "block_g", "block_k"):
@@ -126,7 +128,7 @@ class Options:
         options where set, else the defaults."""
         return example_tiling(precision, arch, block_n=self.block_n, block_c=self.block_c, block_v=self.block_v,
                               block_g=self.block_g, block_k=self.block_k, group_tiles=self.group_tiles,
-                              fused_mlp=self.fused_mlp, stage_tiles=self.stage_tiles)
+                              fused_mlp=self.fused_mlp, stage_tiles=self.stage_tiles, one_pass=self.one_pass)
 
 
 def _key(state) -> tuple:
@@ -261,10 +263,11 @@ class TritonBackend:
     def __init__(self, cuda_graph: bool = False, block_n: int | None = None, block_c: int | None = None,
                  block_k: int | None = None, group_tiles: int | None = None, programs: int | None = None,
                  self_check: bool = True, fused_mlp: bool | None = None, stage_tiles: bool | None = None,
-                 block_g: int | None = None, block_v: int | None = None):
+                 block_g: int | None = None, block_v: int | None = None, one_pass: bool | None = None):
         self.options = Options(cuda_graph=cuda_graph, block_n=block_n, block_c=block_c, block_k=block_k,
                                block_g=block_g, block_v=block_v, group_tiles=group_tiles, programs=programs,
-                               self_check=self_check, fused_mlp=fused_mlp, stage_tiles=stage_tiles)
+                               self_check=self_check, fused_mlp=fused_mlp, stage_tiles=stage_tiles,
+                               one_pass=one_pass)
         self._device_state: _DeviceState | None = None
         self._torch = TorchBackend()
         self._checked = not self_check

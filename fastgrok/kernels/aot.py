@@ -129,8 +129,8 @@ def compile_kernel(fn, kwargs: dict, arch: int) -> tuple[object, Resources]:
 def step_launches(cfg: ModelConfig, precision: str, arch: int, **tiling) -> list[tuple[object, dict]]:
     """(kernel, launch keyword arguments) of the four launches of one step at ``cfg``.
 
-    tiling: the example kernel's block_n, block_c, block_v, block_g, block_k, group_tiles, fused_mlp, stage_tiles (the
-    precision's defaults, fastgrok.kernels.examples.TILINGS, otherwise).
+    tiling: the example kernel's block_n, block_c, block_v, block_g, block_k, group_tiles, fused_mlp, stage_tiles,
+    one_pass (the precision's defaults, fastgrok.kernels.examples.TILINGS, otherwise).
     """
     layout = Layout.from_config(cfg)
     tiles_of = example_tiling(precision, arch, **tiling)

@@ -22,9 +22,11 @@ its four attention scores and values are gathered from launch 1's row tables:
 
 then the stable cross-entropy of fastgrok.model (max subtracted, log1p of the
 wrong-class mass when the label is the argmax, the label's gradient
--(sum of the others)) in two passes over BLOCK_V logits at a time (online max
-and rescaled wrong-class mass, then the gradient; the logits are computed
-twice, +3% FLOPs), scaled by the example's weight 1/D_m, and the backward pass.
+-(sum of the others)), scaled by the example's weight 1/D_m, and the backward
+pass. The logits come BLOCK_V at a time: in one pass where one chunk holds
+them all and registers allow (ONE_PASS, per precision in ``TILINGS``: bf16),
+else in two (online max and rescaled wrong-class mass, then the gradient from
+the logits computed again, +3% FLOPs).
 
 The tile's activations live in the program's own scratch row (written once,
 re-read by the next products; with one program per SM it stays in L2), stored as
@@ -137,6 +139,24 @@ def _log1p(x):
     s2 = s * s
     series = 2.0 * s * (1.0 + s2 * (1.0 / 3 + s2 * (1.0 / 5 + s2 * (1.0 / 7 + s2 * (1.0 / 9 + s2 / 11)))))
     return tl.where(x < 0.4, series, tl.log(1.0 + x))
+
+
+@triton.jit
+def _logits(scratch, wt, rows, all_rows, offs_v, mask_v, D: tl.constexpr, V: tl.constexpr, OFF_W_U: tl.constexpr,
+            RF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """Logits offs_v (BLOCK_N, BLOCK_V) of the tile: resid_fin (scratch RF) W_U."""
+    return gemm(tl.zeros((BLOCK_N, BLOCK_V), tl.float32), scratch + RF, D, 1, rows, all_rows,
+                wt + OFF_W_U, V, 1, offs_v, mask_v, D, BLOCK_K, PRECISION, True, True)
+
+
+@triton.jit
+def _label_loss(z_label, top, other):
+    """Per example: the loss from the label's logit, the max and the wrong-class mass
+    rescaled to it (log1p of that mass when the label is the argmax), and the total mass."""
+    z_y = z_label - top
+    total = other + tl.exp(z_y)
+    return tl.where(z_y == 0.0, _log1p(other), tl.log(total) - z_y), total
 
 
 @triton.jit
@@ -415,7 +435,8 @@ def examples_kernel(
     TAIL_DS_EQ: tl.constexpr, TAIL_LOSS: tl.constexpr, PARTIAL: tl.constexpr,
     GROUP_TILES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_DH: tl.constexpr, FUSED_MLP: tl.constexpr, STAGE_TILES: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_DH: tl.constexpr, FUSED_MLP: tl.constexpr, STAGE_TILES: tl.constexpr, ONE_PASS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     HD: tl.constexpr = H * Dh
     # This program's scratch: (BLOCK_N, .) activations of its current tile.
@@ -450,7 +471,7 @@ def examples_kernel(
                       OFF_W_E, OFF_W_pos, OFF_W_O, OFF_W_in, OFF_b_in, OFF_W_out, OFF_b_out, OFF_W_U,
                       TAIL_DC, TAIL_DV_OP, TAIL_DV_EQ, TAIL_DS_OP, TAIL_DS_EQ, TAIL_LOSS,
                       Z, RM, RF, DL, DRM, HID, BLOCK_N, BLOCK_D, BLOCK_DC, BLOCK_C, BLOCK_V, BLOCK_G, BLOCK_K,
-                      BLOCK_DH, FUSED_MLP, STAGE_TILES, PRECISION)
+                      BLOCK_DH, FUSED_MLP, STAGE_TILES, ONE_PASS, PRECISION)
             # The next tile overwrites the scratch and adds into the sums this one's
             # threads may still read.
             tl.debug_barrier()
@@ -469,7 +490,7 @@ def _tile(start, m, size, p, wt, g, part, S_tab, V_tab, dz_ptr, co_ptr, scratch,
           HID: tl.constexpr,
           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_C: tl.constexpr,
           BLOCK_V: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DH: tl.constexpr,
-          FUSED_MLP: tl.constexpr, STAGE_TILES: tl.constexpr, PRECISION: tl.constexpr):
+          FUSED_MLP: tl.constexpr, STAGE_TILES: tl.constexpr, ONE_PASS: tl.constexpr, PRECISION: tl.constexpr):
     """Forward and backward of one tile of BLOCK_N example slots from ``start`` of model m,
     its sums added into the group's ``partial`` row (``g``: that row minus OFF_W_O)."""
     HD: tl.constexpr = H * Dh
@@ -518,44 +539,58 @@ def _tile(start, m, size, p, wt, g, part, S_tab, V_tab, dz_ptr, co_ptr, scratch,
                              OFF_b_out, RM, RF, HID, BLOCK_N, BLOCK_C, BLOCK_K, PRECISION)
     tl.debug_barrier()
 
-    # Cross-entropy, BLOCK_V logits at a time. The first pass keeps the running
-    # max, the label's logit and the wrong-class mass rescaled to the max, so
-    # the loss is fastgrok.model.stable_cross_entropy_fwd_bwd's.
+    # Cross-entropy, BLOCK_V logits at a time: the loss of
+    # fastgrok.model.stable_cross_entropy_fwd_bwd, then dlogits weighted by 1/D_m, the
+    # label's gradient -(sum of the others). ONE_PASS (one chunk holds every logit,
+    # V <= BLOCK_V): from the same registers; otherwise the first pass keeps the running max,
+    # the label's logit and the wrong-class mass rescaled to the max, and the second
+    # recomputes the logits for the gradient (the same bits: 0 * exp(-inf) adds 0).
     _, _, _, label, w, _ = _tile_examples(start, m, x_ptr, y_ptr, label_ptr, weight_ptr, stride_data, size,
                                           FIRST_Y_ROW, BLOCK_N)
-    top = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    other = tl.zeros((BLOCK_N,), tl.float32)
-    z_label = tl.zeros((BLOCK_N,), tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V)
+    if ONE_PASS:
+        offs_v = tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
-        logits = gemm(tl.zeros((BLOCK_N, BLOCK_V), tl.float32), scratch + RF, D, 1, rows, all_rows,
-                      wt + OFF_W_U, V, 1, offs_v, mask_v, D, BLOCK_K, PRECISION, True, True)
+        logits = _logits(scratch, wt, rows, all_rows, offs_v, mask_v, D, V, OFF_W_U, RF, BLOCK_N, BLOCK_V, BLOCK_K,
+                         PRECISION)
         logits = tl.where(mask_v[None, :], logits, float("-inf"))
         is_label = offs_v[None, :] == label[:, None]
-        z_label += tl.sum(tl.where(is_label, logits, 0.0), axis=1)
-        new_top = _max_nan(top, tl.reduce(logits, 1, _max_nan))
-        wrong = tl.where(is_label, 0.0, tl.exp(logits - new_top[:, None]))
-        other = other * tl.exp(top - new_top) + tl.sum(wrong, axis=1)
-        top = new_top
-    z_y = z_label - top
-    total = other + tl.exp(z_y)
-    loss = tl.where(z_y == 0.0, _log1p(other), tl.log(total) - z_y)
-    _add_into(part + TAIL_LOSS, tl.sum(loss * w, axis=0), True, accumulate)
-
-    # Second pass: dlogits (logits recomputed), weighted by 1/D_m; the
-    # label's gradient is -(sum of the others).
-    dlabel = -other / total * w
-    for v0 in range(0, V, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V)
-        mask_v = offs_v < V
-        logits = gemm(tl.zeros((BLOCK_N, BLOCK_V), tl.float32), scratch + RF, D, 1, rows, all_rows,
-                      wt + OFF_W_U, V, 1, offs_v, mask_v, D, BLOCK_K, PRECISION, True, True)
-        prob = tl.exp(logits - top[:, None]) / total[:, None] * w[:, None]
-        is_label = offs_v[None, :] == label[:, None]
+        z_label = tl.sum(tl.where(is_label, logits, 0.0), axis=1)
+        top = tl.reduce(logits, 1, _max_nan)
+        mass = tl.exp(logits - top[:, None])
+        other = tl.sum(tl.where(is_label, 0.0, mass), axis=1)
+        loss, total = _label_loss(z_label, top, other)
+        dlabel = -other / total * w
         tl.store(scratch + DL + rows[:, None] * V + offs_v[None, :],
-                 to_operand(tl.where(is_label, dlabel[:, None], prob), PRECISION),
+                 to_operand(tl.where(is_label, dlabel[:, None], mass / total[:, None] * w[:, None]), PRECISION),
                  mask=mask_v[None, :])
+    else:
+        top = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+        other = tl.zeros((BLOCK_N,), tl.float32)
+        z_label = tl.zeros((BLOCK_N,), tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            offs_v = v0 + tl.arange(0, BLOCK_V)
+            mask_v = offs_v < V
+            logits = _logits(scratch, wt, rows, all_rows, offs_v, mask_v, D, V, OFF_W_U, RF, BLOCK_N, BLOCK_V,
+                             BLOCK_K, PRECISION)
+            logits = tl.where(mask_v[None, :], logits, float("-inf"))
+            is_label = offs_v[None, :] == label[:, None]
+            z_label += tl.sum(tl.where(is_label, logits, 0.0), axis=1)
+            new_top = _max_nan(top, tl.reduce(logits, 1, _max_nan))
+            wrong = tl.where(is_label, 0.0, tl.exp(logits - new_top[:, None]))
+            other = other * tl.exp(top - new_top) + tl.sum(wrong, axis=1)
+            top = new_top
+        loss, total = _label_loss(z_label, top, other)
+        dlabel = -other / total * w
+        for v0 in range(0, V, BLOCK_V):
+            offs_v = v0 + tl.arange(0, BLOCK_V)
+            mask_v = offs_v < V
+            logits = _logits(scratch, wt, rows, all_rows, offs_v, mask_v, D, V, OFF_W_U, RF, BLOCK_N, BLOCK_V,
+                             BLOCK_K, PRECISION)
+            prob = tl.exp(logits - top[:, None]) / total[:, None] * w[:, None]
+            is_label = offs_v[None, :] == label[:, None]
+            tl.store(scratch + DL + rows[:, None] * V + offs_v[None, :],
+                     to_operand(tl.where(is_label, dlabel[:, None], prob), PRECISION), mask=mask_v[None, :])
+    _add_into(part + TAIL_LOSS, tl.sum(loss * w, axis=0), True, accumulate)
     tl.debug_barrier()
 
     # dW_U = resid_fin^T dlogits, summed over the tile's examples.
@@ -649,16 +684,18 @@ def _tile(start, m, size, p, wt, g, part, S_tab, V_tab, dz_ptr, co_ptr, scratch,
 # link re-reads its (BLOCK_N, K) operand once per chunk of output columns, so the
 # widest chunks that fit cut the L2 traffic most (tf32 on sm_90: 243 -> 134 MB per
 # model-step from 32 to 128 columns, by bench/sass_model.py). block_g: rows of a
-# weight-gradient chunk; fused_mlp and stage_tiles: the module docstring.
+# weight-gradient chunk; fused_mlp and stage_tiles: the module docstring; one_pass: the
+# cross-entropy from one chunk of every logit (needs d_vocab <= block_v; tf32 on sm_90
+# spills with it, its logits being 4-byte operands' products beside a wide chain).
 TILINGS = {
     "bf16": dict(block_n=128, block_c=32, block_v=128, block_g=128, block_k=32, group_tiles=8, fused_mlp=True,
-                 stage_tiles=True),
+                 stage_tiles=True, one_pass=True),
     "tf32": dict(block_n=128, block_c=128, block_v=128, block_g=128, block_k=16, group_tiles=8, fused_mlp=False,
-                 stage_tiles=False),
+                 stage_tiles=False, one_pass=False),
     "bf16x3": dict(block_n=64, block_c=64, block_v=64, block_g=128, block_k=32, group_tiles=8, fused_mlp=False,
-                   stage_tiles=False),
+                   stage_tiles=False, one_pass=False),
     "fp32": dict(block_n=64, block_c=128, block_v=64, block_g=128, block_k=16, group_tiles=8, fused_mlp=False,
-                 stage_tiles=False),
+                 stage_tiles=False, one_pass=False),
 }
 TILING_EXCEPTIONS = {
     # sm_80 has no wgmma: mma.sync's accumulator layout needs more registers.
@@ -777,10 +814,13 @@ def examples_args(layout: Layout, params: Tensor, ws: Workspace, scratch: tuple[
     x, y, labels (M, N) int64, weight (M, N) float32; scratch: ``allocate_scratch``'s two
     tensors, one row each per program of the persistent grid; tiles built for block_n
     and group_tiles. arch: compute capability x10 of the GPU, which picks the
-    launch options. chosen: block_n, block_c, block_g, block_k, group_tiles, fused_mlp, stage_tiles where
-    not the precision's (``tiling``).
+    launch options. chosen: block_n, block_c, block_v, block_g, block_k, group_tiles, fused_mlp, stage_tiles,
+    one_pass where not the precision's (``tiling``).
     """
     chosen = tiling(precision, arch, **chosen)
+    if chosen["one_pass"] and layout.V > chosen["block_v"]:
+        raise ValueError(f"one_pass=True takes every logit in one chunk: d_vocab={layout.V} > block_v="
+                         f"{chosen['block_v']}; use block_v >= {triton.next_power_of_2(layout.V)} or one_pass=False")
     block_n, block_c, block_k, group_tiles = (chosen[k] for k in ("block_n", "block_c", "block_k", "group_tiles"))
     for name, t in (("x", x), ("y", y), ("labels", labels), ("weight", weight)):
         if not t.is_contiguous() or t.shape != x.shape:
@@ -811,7 +851,7 @@ def examples_args(layout: Layout, params: Tensor, ws: Workspace, scratch: tuple[
         BLOCK_DC=layout.block_d if chosen["fused_mlp"] else block_c,
         BLOCK_C=block_c, BLOCK_V=chosen["block_v"], BLOCK_G=chosen["block_g"], BLOCK_K=block_k,
         BLOCK_DH=layout.block_dh,
-        FUSED_MLP=chosen["fused_mlp"], STAGE_TILES=chosen["stage_tiles"],
+        FUSED_MLP=chosen["fused_mlp"], STAGE_TILES=chosen["stage_tiles"], ONE_PASS=chosen["one_pass"],
         PRECISION=precision, **launch_options("examples", precision, arch),
     )
 

@@ -27,12 +27,12 @@ TILING = dict(block_n=16, block_c=16, block_k=16)
 
 def oracle(pop: Population, m: int) -> tuple[float, dict[str, torch.Tensor]]:
     """Loss and gradients of model m of ``pop`` in float64."""
-    model = Transformer(CFG).double()
+    model = Transformer(pop.cfg).double()
     with torch.no_grad():
         for k, v in pop.model_params(m).items():
             getattr(model, k).copy_(v.double())
     D = int(pop.train_size[m])
-    tokens = torch.as_tensor(TASK.tokens[pop.splits[m].train_idx])
+    tokens = torch.as_tensor(pop.task.tokens[pop.splits[m].train_idx])
     loss = model.loss(tokens, torch.as_tensor(pop.splits[m].train_labels[:D]))
     loss.backward()
     return loss.item(), {k: getattr(model, k).grad for k in PARAM_NAMES}
@@ -41,8 +41,9 @@ def oracle(pop: Population, m: int) -> tuple[float, dict[str, torch.Tensor]]:
 def kernel_loss_and_grads(interpreted, pop: Population, programs: int, group_tiles: int = 2,
                           **mlp) -> torch.Tensor:
     """Run launches 1-3 and the table backward (no AdamW); losses (M,), gradients land in pop.flat_grads.
-    mlp: fused_mlp, stage_tiles, the example kernel's two MLP variants (the precision's otherwise)."""
-    L = interpreted.layout.Layout.from_config(CFG, pop.rows)
+    mlp: fused_mlp, stage_tiles, the example kernel's two MLP variants (the precision's otherwise),
+    or other tiles of its."""
+    L = interpreted.layout.Layout.from_config(pop.cfg, pop.rows)
     tiles = interpreted.examples.Tiles.build(pop.train_size, pop.train_x, pop.train_y, pop.rows.n,
                                              TILING["block_n"], group_tiles, "cpu")
     ws = interpreted.layout.Workspace.allocate(L, pop.M, pop.train_x.shape[1], tiles.count, "cpu")
@@ -86,6 +87,29 @@ def test_loss_and_gradients_match_the_float64_oracle(interpreted, sizes, program
         pop.params["b_in"].normal_(0, 0.3)
         pop.params["b_out"].normal_(0, 0.3)
     assert_matches_oracle(pop, kernel_loss_and_grads(interpreted, pop, programs, **MLP_VARIANTS[mlp]))
+
+
+@pytest.mark.parametrize("block_v, one_pass", [(16, False), (32, False), (32, True)],
+                         ids=["two passes over two chunks", "two passes over one chunk", "one pass"])
+def test_cross_entropy_over_chunks_of_the_vocabulary(interpreted, block_v, one_pass):
+    """p = 23: 25 logits, in two chunks of 16 (the running max and rescaled wrong-class
+    mass across chunks, then the logits again for the gradient) or in one of 32, in two
+    passes or one."""
+    task = Task(TaskConfig(p=23))
+    cfg = ModelConfig(d_vocab=task.cfg.d_vocab, d_model=12, n_heads=2, d_head=5, d_mlp=24)
+    runs = [RunSpec(train_size=d, data_seed=m, init_seed=20 + m) for m, d in enumerate((30, 17))]
+    pop = Population(task, cfg, runs)
+    assert_matches_oracle(pop, kernel_loss_and_grads(interpreted, pop, programs=2, block_v=block_v,
+                                                     one_pass=one_pass))
+
+
+def test_one_pass_needs_every_logit_in_one_chunk(interpreted):
+    task = Task(TaskConfig(p=23))
+    cfg = ModelConfig(d_vocab=task.cfg.d_vocab, d_model=12, n_heads=2, d_head=5, d_mlp=24)
+    pop = Population(task, cfg, [RunSpec(train_size=5)])
+    with pytest.raises(ValueError, match="one_pass=True takes every logit in one chunk: d_vocab=25 > block_v=16; "
+                                         "use block_v >= 32"):
+        kernel_loss_and_grads(interpreted, pop, programs=1, block_v=16, one_pass=True)
 
 
 @pytest.mark.parametrize("mlp", MLP_VARIANTS)

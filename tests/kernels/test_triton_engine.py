@@ -137,6 +137,8 @@ def test_options_are_checked_and_cuda_graphs_need_a_gpu(interpreted):
         interpreted.engine.TritonBackend(programs=0)
     with pytest.raises(ValueError, match="stage_tiles='yes'"):
         interpreted.engine.TritonBackend(stage_tiles="yes")
+    with pytest.raises(ValueError, match="one_pass=1: must be True, False or None"):
+        interpreted.engine.TritonBackend(one_pass=1)
     with pytest.raises(ValueError, match="stage_tiles=True holds the fused MLP's operands.*fused_mlp=False"):
         triton_population(interpreted, RUNS[:1], precision="tf32", fused_mlp=False, stage_tiles=True).step()
     pop = triton_population(interpreted, RUNS[:1], cuda_graph=True)
