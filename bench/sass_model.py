@@ -255,7 +255,9 @@ def parse_sass(text: str) -> tuple[list[Instr], dict[str, int]]:
         if pending:
             # One comment per inlining level: 'File A, line a inlined at B, line b', then
             # 'File B, line b inlined at ...', ..., then the kernel's own 'File K, line k'.
-            chain = tuple((f, int(n)) for f, n in (_FRAME.search(p).groups() for p in pending if _FRAME.search(p)))
+            # Line 0 is code the compiler made for no source line: it counts at its caller's.
+            chain = tuple((f, int(n)) for f, n in (_FRAME.search(p).groups() for p in pending if _FRAME.search(p))
+                          if int(n) > 0)
             pending = []
         label = re.match(r"^(\.L_x_\d+):", stripped)
         if label:
