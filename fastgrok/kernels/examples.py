@@ -686,7 +686,7 @@ def _tile(start, m, size, p, wt, g, part, S_tab, V_tab, dz_ptr, co_ptr, scratch,
 # model-step from 32 to 128 columns, by bench/sass_model.py). block_g: rows of a
 # weight-gradient chunk; fused_mlp and stage_tiles: the module docstring; one_pass: the
 # cross-entropy from one chunk of every logit (needs d_vocab <= block_v; tf32 on sm_90
-# spills with it, its logits being 4-byte operands' products beside a wide chain).
+# spills 12 bytes with it).
 TILINGS = {
     "bf16": dict(block_n=128, block_c=32, block_v=128, block_g=128, block_k=32, group_tiles=8, fused_mlp=True,
                  stage_tiles=True, one_pass=True),

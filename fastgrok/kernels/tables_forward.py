@@ -54,12 +54,6 @@ def tables_forward_ref(params: dict[str, Tensor], rows: TokenRows) -> tuple[Tens
 
 
 @triton.jit
-def _pos_projection(p, pos, offs_k, mask_k, w, OFF_W_pos: tl.constexpr, D: tl.constexpr):
-    """W_pos[pos] (BLOCK_K columns offs_k) times the (BLOCK_K, BLOCK_DH) weight block w."""
-    return tl.sum(tl.load(p + OFF_W_pos + pos * D + offs_k, mask=mask_k, other=0.0)[:, None] * w, axis=0)
-
-
-@triton.jit
 def tables_forward_kernel(
     params_ptr, K_ptr, V_ptr, S_ptr, q_ptr, check_tab_ptr, weights_ptr,
     D: tl.constexpr, H: tl.constexpr, Dh: tl.constexpr,
@@ -84,7 +78,7 @@ def tables_forward_kernel(
     special = mask_t & (f >= OP_ROW)
     token = tl.where(is_elem, f, tl.where(f == OP_ROW, OP_TOKEN, EQ_TOKEN))
     pos = tl.where(f == OP_ROW, POS_OP, EQ_POS)
-    row_a = tl.where(is_elem, f, tl.where(f == OP_ROW, OP_ROW, EQ_ROW))   # x-row, or the operator's or '=' row
+    row_a = tl.where(f == OP_ROW + 1, EQ_ROW, f)                          # x-row, or the operator's or '=' row
     row_b = FIRST_Y_ROW + f                                              # y-row (elements only)
     lanes = tl.arange(0, BLOCK_DH)
     mask_l = lanes < Dh
@@ -115,10 +109,12 @@ def tables_forward_kernel(
             w_v = tl.load(p + OFF_W_V + w_offs, mask=mask_kl, other=0.0)
             K = mma(resid, w_k, K, "fp32")
             Vh = mma(resid, w_v, Vh, "fp32")
-            K_x += _pos_projection(p, POS_X, offs_k, mask_k, w_k, OFF_W_pos, D)
-            K_y += _pos_projection(p, POS_Y, offs_k, mask_k, w_k, OFF_W_pos, D)
-            V_x += _pos_projection(p, POS_X, offs_k, mask_k, w_v, OFF_W_pos, D)
-            V_y += _pos_projection(p, POS_Y, offs_k, mask_k, w_v, OFF_W_pos, D)
+            pos_x = tl.load(p + OFF_W_pos + POS_X * D + offs_k, mask=mask_k, other=0.0)[:, None]
+            pos_y = tl.load(p + OFF_W_pos + POS_Y * D + offs_k, mask=mask_k, other=0.0)[:, None]
+            K_x += tl.sum(pos_x * w_k, axis=0)
+            K_y += tl.sum(pos_y * w_k, axis=0)
+            V_x += tl.sum(pos_x * w_v, axis=0)
+            V_y += tl.sum(pos_y * w_v, axis=0)
             c = (tl.load(p + OFF_W_E + EQ_TOKEN * D + offs_k, mask=mask_k, other=0.0)
                  + tl.load(p + OFF_W_pos + EQ_POS * D + offs_k, mask=mask_k, other=0.0))
             q += tl.sum(c[:, None] * tl.load(p + OFF_W_Q + w_offs, mask=mask_kl, other=0.0), axis=0)

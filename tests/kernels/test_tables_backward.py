@@ -11,7 +11,7 @@ import torch
 
 from fastgrok.backends.torch_engine import TableGrads, tables_backward, tables_forward
 from fastgrok.config import ModelConfig
-from fastgrok.layout import PARAM_NAMES, TokenRows
+from fastgrok.layout import PARAM_NAMES
 from fastgrok.model import init_params
 
 N_ELEM = 37
@@ -35,7 +35,7 @@ def test_folded_table_gradients_match_the_unfolded_float64_ones(interpreted, see
 
     interpreted.tables_backward.tables_backward_launch(layout, params, grads, ws)
 
-    rows = TokenRows(N_ELEM)
+    rows = layout.rows
     p64 = {k: torch.stack([P[k] for P in models]).double() for k in PARAM_NAMES}
     want = {k: torch.zeros_like(v) for k, v in p64.items()}
     index = (torch.as_tensor(rows.token), torch.as_tensor(rows.pos))
