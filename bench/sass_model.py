@@ -56,12 +56,22 @@ Per model-step (a kernel's total over its grid divided by the M models):
 * the estimate: the largest of these (its name is the bound).
 
 The same tables give the batched torch engine from its
-GEMM FLOPs at CUBLAS_EFFICIENCY and its HBM bytes. Every assumption is in the
+GEMM FLOPs at CUBLAS_EFFICIENCY and its HBM bytes, and the floors no
+implementation of the step beats (``floors``: the matmul FLOPs at the tensor
+peak, AdamW's fp32 state read and written once). Every assumption is in the
 block below. Real kernels reach these bounds only approximately (latency,
 bank conflicts, L1 behaviour); bench/bench_gpu.py measures.
 
+``--num-ctas 2`` estimates the example kernel launched as clusters of two
+CTAs (Triton's num_ctas on sm_90: a program's tile split over two SMs, each
+CTA running the SASS on its share; the engine does not launch this): the
+programs go to pairs of SMs, and a compile the Triton compiler fails on is
+reported as such.
+
     python bench/sass_model.py                                  # sm_90, D = 2000, 200 models, all precisions
     python bench/sass_model.py --arch 80 --precision bf16x3 --csv out.csv --loops
+    python bench/sass_model.py --precision bf16 --num-ctas 2 \\
+        --tiling block_n=256,group_tiles=4,fused_mlp=0,stage_tiles=0,one_pass=0
 """
 from __future__ import annotations
 
@@ -79,7 +89,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -120,6 +130,7 @@ class GPU:
     fp32_lanes: int         # FP32 FMA lanes per SM
     mufu_lanes: int         # special-function results per SM per clock
     tensor: dict            # (instruction kind, input type) -> FLOP per SM per clock
+    l2_mb: float            # L2 capacity, MB
     schedulers: int = 4     # warp schedulers per SM, each issues <= 1 warp-instruction per clock
 
 
@@ -147,11 +158,12 @@ H100_TENSOR = {("wgmma", "TF32"): 2048, ("wgmma", "BF16"): 4096, ("wgmma", "F16"
 # implies), 1.41 GHz for A100 SXM. HBM: datasheets (H100 SXM HBM3 3.35 TB/s, H200
 # HBM3e 4.8 TB/s, A100 80GB HBM2e 2.039 TB/s). L2: ASSUMED from public
 # microbenchmarks (chipsandcheese.com, "Nvidia's H100: Funny L2, and Tons of
-# Bandwidth", 2023), the same figures as bench/roofline.py.
+# Bandwidth", 2023), the same figures as bench/roofline.py. L2 capacity: datasheets
+# (A100 40 MB, H100 and H200 50 MB).
 GPUS = {
-    80: (GPU("A100-SXM4-80GB", 80, 108, 1.41, 2.039, 4.0, 64, 16, A100_TENSOR),),
-    90: (GPU("H100-SXM5", 90, 132, 1.98, 3.35, 5.5, 128, 16, H100_TENSOR),
-         GPU("H200-SXM", 90, 132, 1.98, 4.8, 5.5, 128, 16, H100_TENSOR)),
+    80: (GPU("A100-SXM4-80GB", 80, 108, 1.41, 2.039, 4.0, 64, 16, A100_TENSOR, 40),),
+    90: (GPU("H100-SXM5", 90, 132, 1.98, 3.35, 5.5, 128, 16, H100_TENSOR, 50),
+         GPU("H200-SXM", 90, 132, 1.98, 4.8, 5.5, 128, 16, H100_TENSOR, 50)),
 }
 
 # Issue rate per scheduler a real kernel sustains, ASSUMED: the example kernel
@@ -893,6 +905,7 @@ class KernelModel:
     registers: int
     shared_bytes: int
     sass: str
+    num_ctas: int = 1                                  # CTAs per program (a cluster), each running the SASS
     loops: list = field(default_factory=list)          # (Loop, trips, its range's trips, from the SASS?, size)
     counts: dict = field(default_factory=dict)         # class -> warp-instructions over the grid
     issue: float = 0.0                                 # every warp-instruction over the grid
@@ -915,7 +928,8 @@ def analyze(fn, kwargs: dict, grid: tuple, arch: int) -> KernelModel:
     sass = disassemble(cubin_with_source_lines(compiled, arch))
     launch = Launch(kwargs, grid)
     model = count(sass, launch, KernelModel(fn.__name__, arch, str(kwargs.get("PRECISION", "-")), tuple(grid),
-                                            res.num_warps, res.registers, res.shared_bytes, sass),
+                                            res.num_warps, res.registers, res.shared_bytes, sass,
+                                            kwargs.get("num_ctas", 1)),
                   ttgir_memory_replication(compiled.asm["ttgir"]))
     dots = ttgir_dots(compiled.asm["ttgir"])
     model.dot_flops, model.useful_dot_flops = dot_flops(dots, launch), dot_flops(dots, launch, replicated=False)
@@ -958,7 +972,7 @@ def count(sass: str, launch: Launch, model: KernelModel, replication: dict | Non
         for lp in inside:
             w = w * trips[lp]
         per_program += len(members) * w
-        total = warps * (float(np.sum(w)) if isinstance(w, np.ndarray) else w * G)
+        total = model.num_ctas * warps * (float(np.sum(w)) if isinstance(w, np.ndarray) else w * G)
         if total == 0:
             continue
         for i in members:
@@ -992,10 +1006,12 @@ def count(sass: str, launch: Launch, model: KernelModel, replication: dict | Non
 
 
 def step_launches(cfg, precision: str, arch: int, M: int, D: int, programs: int,
-                  options: Options = Options()) -> list[tuple[object, tuple, dict]]:
+                  options: Options = Options(), num_ctas: int = 1) -> list[tuple[object, tuple, dict]]:
     """(kernel, grid, keyword arguments) of the four launches of one step of M models
     with D examples each, as the Triton engine's ``_DeviceState`` builds them (meta tensors
-    stand in for the device buffers: only shapes and dtypes matter here). Each model's
+    stand in for the device buffers: only shapes and dtypes matter here). num_ctas > 1: the
+    example kernel as clusters of that many CTAs (Triton's num_ctas, sm_90; not what the
+    engine launches), programs / num_ctas of them. Each model's
     examples are D of the n^2 pairs drawn at random (seed 0), as a task's training set
     is, so launch 3's per-element loops run as long as a real population's longest."""
     meta = "meta"
@@ -1011,11 +1027,13 @@ def step_launches(cfg, precision: str, arch: int, M: int, D: int, programs: int,
     tiles = Tiles.build(np.full(M, D), x, y, n, t["block_n"], t["group_tiles"], "cpu")
     ws = Workspace.allocate(L, M, D, tiles.count, meta, precision=precision)
     data = torch.empty(M, D, dtype=torch.int64, device=meta)
-    scratch = allocate_scratch(L, min(programs, tiles.count), precision, t["block_n"], meta)
+    scratch = allocate_scratch(L, min(programs // num_ctas, tiles.count), precision, t["block_n"], meta)
     lr = torch.empty(M, dtype=torch.float64, device=meta)
     g1, tf = tables_forward_args(L, params, ws, precision, block_k=t["block_k"], arch=arch)
     g2, ex = examples_args(L, params, ws, scratch, data, data, data, torch.empty(M, D, device=meta), tiles,
                            precision, arch=arch, **t)
+    if num_ctas > 1:
+        ex["num_ctas"] = num_ctas
     g3, rd = reduce_args(L, params, ws, tiles, D, arch=arch)
     g4, ad = adamw_args(L, params, params, params, params, lr, lr, torch.empty(M, dtype=torch.int32, device=meta),
                         torch.empty(4, dtype=torch.float64, device=meta), ws, (0.9, 0.98), 1e-8, arch=arch)
@@ -1147,7 +1165,9 @@ def kernel_times(model: KernelModel, kwargs: dict, gpu: GPU) -> dict:
          "MUFU": model.counts.get("MUFU", 0) * WARP / (gpu.mufu_lanes * gpu.sms * clk),
          "issue_ipc1": issue1, "issue_real": issue1 / REALISTIC_IPC,
          "L2": l2 / (gpu.l2_tbs * 1e12), "HBM": hbm / (gpu.hbm_tbs * 1e12),
-         "schedule": schedule(model.per_program, model.grid, model.num_warps, gpu)}
+         # a cluster's CTAs run side by side, one per SM: programs go to groups of num_ctas SMs
+         "schedule": schedule(model.per_program, model.grid, model.num_warps,
+                              replace(gpu, sms=gpu.sms // model.num_ctas))}
     bound = max((k for k in TIMES if k != "issue_ipc1"), key=t.get)
     return dict(t, estimate=t[bound], bound=bound, l2_bytes=l2, hbm_bytes=hbm)
 
@@ -1181,6 +1201,37 @@ def torch_engine(cfg, D: int, gpu: GPU) -> list[dict]:
     return rows
 
 
+# What any implementation pays, whatever its kernels.
+OPERAND_TYPE = {"bf16": "BF16", "bf16x3": "BF16", "tf32": "TF32"}
+PRODUCTS_PER_MATMUL = {"bf16x3": 3}
+ADAMW_BYTES_PER_PARAM = 6 * FP32  # p, m1 and m2 read and written once, in fp32 as torch.optim.AdamW keeps them
+
+
+def floors(cfg, D: int, M: int, gpu: GPU, precision: str) -> dict:
+    """Seconds per model-step that no implementation of the step beats on ``gpu``.
+
+    tensor: the matmul FLOPs (the torch engine's count, which recomputes nothing; three
+    products each for bf16x3) at the peak rate of the precision's input type (wgmma where
+    the GPU has it; FP32 FMA lanes for fp32). adamw: each parameter's fp32 p, m1 and m2
+    read and written once, over HBM when the M models' state (12 B a parameter) exceeds
+    L2, else over L2. Launches that run one after another pay both (in_sequence); a step
+    whose AdamW traffic hid entirely behind other models' matmuls would pay the larger
+    (overlapped)."""
+    L = Layout.from_config(cfg)
+    clk = gpu.clock_ghz * 1e9
+    flops = flops_per_model_step(cfg, D) * PRODUCTS_PER_MATMUL.get(precision, 1)
+    if precision == "fp32":
+        rate = gpu.fp32_lanes * 2 * gpu.sms * clk
+    else:
+        kind = "wgmma" if ("wgmma", OPERAND_TYPE[precision]) in gpu.tensor else "mma.sync"
+        rate = gpu.tensor[(kind, OPERAND_TYPE[precision])] * gpu.sms * clk
+    state = ADAMW_BYTES_PER_PARAM * L.P
+    in_hbm = M * 3 * FP32 * L.P > gpu.l2_mb * 1e6
+    t = {"tensor": flops / rate, "adamw": state / ((gpu.hbm_tbs if in_hbm else gpu.l2_tbs) * 1e12)}
+    return dict(t, in_sequence=t["tensor"] + t["adamw"], overlapped=max(t.values()), flops=flops,
+                adamw_bytes=state, adamw_memory="HBM" if in_hbm else "L2")
+
+
 # ----------------------------------------------------------------------------
 # Command line.
 
@@ -1204,6 +1255,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="all", choices=list(PRECISIONS) + ["all"])
     parser.add_argument("--loops", action="store_true", help="also print each kernel's SASS loops and trip counts")
     parser.add_argument("--csv", help="write every figure as a long-format CSV row to this file")
+    parser.add_argument("--num-ctas", type=int, default=1, choices=[1, 2, 4],
+                        help="the example kernel as clusters of this many CTAs (Triton's num_ctas, sm_90 only; "
+                             "the engine launches 1), for exploring; default 1")
     parser.add_argument("--tiling", default="",
                         help="the example kernel's tiles, e.g. block_n=128,block_c=32,stage_tiles=0 "
                              "(default: the precision's, fastgrok.kernels.examples.TILINGS)")
@@ -1219,6 +1273,8 @@ def main(argv: list[str] | None = None) -> int:
     layout = Layout.from_config(cfg)
     M, D = args.models, args.train_size
     archs = [80, 90] if args.arch == "all" else [int(args.arch)]
+    if args.num_ctas > 1 and archs != [90]:
+        parser.error(f"--num-ctas {args.num_ctas} needs --arch 90 (clusters are sm_90's), not --arch {args.arch}")
     precisions = PRECISIONS if args.precision == "all" else (args.precision,)
     stamp = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
     rows, failures = [], []
@@ -1238,8 +1294,14 @@ def main(argv: list[str] | None = None) -> int:
     for arch in archs:
         for precision in precisions:
             start = time.perf_counter()
-            launches = step_launches(cfg, precision, arch, M, D, programs=GPUS[arch][0].sms, options=options)
-            models = [(analyze(fn, kw, grid, arch), kw) for fn, grid, kw in launches]
+            launches = step_launches(cfg, precision, arch, M, D, programs=GPUS[arch][0].sms, options=options,
+                                     num_ctas=args.num_ctas)
+            try:
+                models = [(analyze(fn, kw, grid, arch), kw) for fn, grid, kw in launches]
+            except RuntimeError as e:  # Triton's compiler fails on some cluster launches
+                print(f"sm_{arch} {precision}: Triton {triton.__version__} did not compile the step "
+                      f"(num_ctas={args.num_ctas}, tiling {args.tiling or 'default'}): {e}", file=sys.stderr)
+                return 1
             print(f"\n== sm_{arch} {precision} (compiled and counted in {time.perf_counter() - start:.0f} s)")
             for model, kw in models:
                 ok, check = cross_check(model, kw, precision, layout, M)
@@ -1308,6 +1370,17 @@ def main(argv: list[str] | None = None) -> int:
                     emit(gpu, r["mode"], "torch", f"{key}_time", r[key] * 1e6, "us/model-step", method="torch-model")
                 emit(gpu, r["mode"], "torch", "hbm_bytes", r["hbm_bytes"], "B/model-step", method="torch-model")
                 emit(gpu, r["mode"], "torch", "model_steps_per_s", 1 / r["estimate"], "1/s", method="torch-model")
+    print("\nfloors (any implementation of the step: the matmul FLOPs at the tensor peak, AdamW's fp32 state "
+          "read and written once), per model-step:")
+    for arch in archs:
+        for gpu in GPUS[arch]:
+            for precision in precisions:
+                f = floors(cfg, D, M, gpu, precision)
+                print(f"  {gpu.name:<15} {precision:<6} {f['flops'] / 1e9:.3f} GFLOP in {f['tensor'] * 1e6:.2f} us; "
+                      f"AdamW {f['adamw_bytes'] / 1e6:.2f} MB over {f['adamw_memory']} in {f['adamw'] * 1e6:.2f} us; "
+                      f"in sequence {f['in_sequence'] * 1e6:.2f} us, overlapped {f['overlapped'] * 1e6:.2f} us")
+                for key in ("tensor", "adamw", "in_sequence", "overlapped"):
+                    emit(gpu, precision, "floor", f"{key}_time", f[key] * 1e6, "us/model-step", method="floor-model")
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))

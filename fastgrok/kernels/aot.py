@@ -106,7 +106,8 @@ def _cuobjdump_resources(cubin: bytes) -> dict[str, int]:
 def compile_kernel(fn, kwargs: dict, arch: int) -> tuple[object, Resources]:
     """Compile ``fn`` with a launch's keyword arguments for sm_<arch>; its resources."""
     kwargs = dict(kwargs)
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg", "enable_fp_fusion") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg", "enable_fp_fusion", "num_ctas")
+               if k in kwargs}
     num_warps = options["num_warps"]
     signature, constexprs, attrs = _signature(fn, kwargs)
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)

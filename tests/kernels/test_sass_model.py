@@ -18,6 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgrok.backends.torch_engine import flops_per_model_step
+from fastgrok.config import get_preset
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -121,6 +124,38 @@ def test_dot_in_nested_loops_counts_known_flops_and_bytes(arch, K):
     assert outer == [(n_outer, n_outer)], model.loops
 
 
+def test_a_cluster_counts_each_of_its_ctas():
+    """num_ctas=2 on sm_90 splits the tile's rows over the two CTAs of a cluster: the
+    dot's FLOPs and A's rows are each counted once over the pair, and B, which both
+    CTAs need whole (no TMA multicast), once per CTA."""
+    BM, BN, BK, K, n_outer, programs = 128, 32, 32, 256, 3, 5
+    kwargs = dict(a_ptr=META, b_ptr=META, c_ptr=META, n_outer=n_outer, K=K, BM=BM, BN=BN, BK=BK,
+                  PRECISION="tf32", num_warps=4, num_stages=1, num_ctas=2)
+    model = sm.analyze(_dot_loops, kwargs, (programs,), 90)
+    assert model.num_ctas == 2
+    assert sum(model.tensor_flops.values()) == 2 * BM * BN * K * n_outer * programs
+    assert model.l2_bytes["a_ptr"] == 4 * BM * K * n_outer * programs
+    assert model.l2_bytes["b_ptr"] == 2 * 4 * K * BN * n_outer * programs
+    assert model.l2_bytes["c_ptr"] == 4 * BM * BN * n_outer * (programs + 1)
+
+
+def test_floors_are_hand_counted_work_at_the_datasheet_peaks():
+    cfg = get_preset("paper").model
+    # parameters: W_E, W_pos, W_Q W_K W_V, W_O, W_in, b_in, W_out, b_out, W_U
+    P = 115 * 128 + 4 * 128 + 3 * 128 * 4 * 32 + 4 * 32 * 128 + 128 * 512 + 512 + 512 * 128 + 128 + 128 * 115
+    flops = flops_per_model_step(cfg, 2000)
+    h100, a100 = sm.GPUS[90][0], sm.GPUS[80][0]
+    f = sm.floors(cfg, 2000, 200, h100, "bf16x3")
+    assert f["adamw_memory"] == "HBM" and f["adamw"] == pytest.approx(24 * P / 3.35e12)
+    assert f["tensor"] == pytest.approx(3 * flops / (4096 * 132 * 1.98e9))
+    assert f["in_sequence"] == pytest.approx(f["tensor"] + f["adamw"]) and f["overlapped"] == f["tensor"]
+    assert sm.floors(cfg, 2000, 200, h100, "fp32")["tensor"] == pytest.approx(flops / (2 * 128 * 132 * 1.98e9))
+    assert sm.floors(cfg, 2000, 200, a100, "tf32")["tensor"] == pytest.approx(flops / (1024 * 108 * 1.41e9))
+    # two models' state (5.5 MB) stays in L2 between steps
+    small = sm.floors(cfg, 2000, 2, h100, "bf16")
+    assert small["adamw_memory"] == "L2" and small["adamw"] == pytest.approx(24 * P / 5.5e12)
+
+
 @triton.jit
 def _broadcast_bias(bias_ptr, scale_ptr, out_ptr, BM: tl.constexpr, BN: tl.constexpr):
     offs_m = tl.arange(0, BM)
@@ -202,8 +237,6 @@ def test_persistent_loop_trip_counts_per_program(tmp_path):
 def test_paper_kernels_counts_match_their_dots(arch, precision):
     """At the paper config the SASS tensor FLOPs equal the TTGIR's dots x replication
     x their source loops, and those dots the kernels' matmul FLOPs by hand."""
-    from fastgrok.config import get_preset
-
     cfg = get_preset("paper").model
     for fn, grid, kwargs in sm.step_launches(cfg, precision, arch, M=8, D=200, programs=sm.GPUS[arch][0].sms):
         model = sm.analyze(fn, kwargs, grid, arch)
