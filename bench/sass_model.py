@@ -113,7 +113,8 @@ allocate_scratch = _examples.allocate_scratch
 PRECISIONS, Layout, Workspace = _layout.PRECISIONS, _layout.Layout, _layout.Workspace
 tables_forward_args, tables_forward_kernel = _tables_forward.tables_forward_args, _tables_forward.tables_forward_kernel
 reduce_args, reduce_kernel = _reduce.reduce_args, _reduce.reduce_kernel
-CHUNK, flops_per_model_step = _torch_engine.CHUNK, _torch_engine.flops_per_model_step
+CHUNK, flops_per_example = _torch_engine.CHUNK, _torch_engine.flops_per_example
+flops_per_model_step = _torch_engine.flops_per_model_step
 
 # ----------------------------------------------------------------------------
 # Assumptions. FLOP rates are dense, per SM per clock; 1 FMA = 2 FLOPs.
@@ -1210,16 +1211,17 @@ ADAMW_BYTES_PER_PARAM = 6 * FP32  # p, m1 and m2 read and written once, in fp32 
 def floors(cfg, D: int, M: int, gpu: GPU, precision: str) -> dict:
     """Seconds per model-step that no implementation of the step beats on ``gpu``.
 
-    tensor: the matmul FLOPs (the torch engine's count, which recomputes nothing; three
-    products each for bf16x3) at the peak rate of the precision's input type (wgmma where
-    the GPU has it; FP32 FMA lanes for fp32). adamw: each parameter's fp32 p, m1 and m2
+    tensor: the examples' matmul FLOPs (the products with W_O, W_in, W_out and W_U,
+    forward and backward, nothing recomputed; three products each for bf16x3; not the row
+    tables, which folding shrinks) at the peak rate of the precision's input type (wgmma
+    where the GPU has it; FP32 FMA lanes for fp32). adamw: each parameter's fp32 p, m1 and m2
     read and written once, over HBM when the M models' state (12 B a parameter) exceeds
     L2, else over L2. Launches that run one after another pay both (in_sequence); a step
     whose AdamW traffic hid entirely behind other models' matmuls would pay the larger
     (overlapped)."""
     L = Layout.from_config(cfg)
     clk = gpu.clock_ghz * 1e9
-    flops = flops_per_model_step(cfg, D) * PRODUCTS_PER_MATMUL.get(precision, 1)
+    flops = D * flops_per_example(cfg) * PRODUCTS_PER_MATMUL.get(precision, 1)
     if precision == "fp32":
         rate = gpu.fp32_lanes * 2 * gpu.sms * clk
     else:
@@ -1370,8 +1372,8 @@ def main(argv: list[str] | None = None) -> int:
                     emit(gpu, r["mode"], "torch", f"{key}_time", r[key] * 1e6, "us/model-step", method="torch-model")
                 emit(gpu, r["mode"], "torch", "hbm_bytes", r["hbm_bytes"], "B/model-step", method="torch-model")
                 emit(gpu, r["mode"], "torch", "model_steps_per_s", 1 / r["estimate"], "1/s", method="torch-model")
-    print("\nfloors (any implementation of the step: the matmul FLOPs at the tensor peak, AdamW's fp32 state "
-          "read and written once), per model-step:")
+    print("\nfloors (any implementation of the step: the examples' matmul FLOPs at the tensor peak, AdamW's fp32 "
+          "state read and written once), per model-step:")
     for arch in archs:
         for gpu in GPUS[arch]:
             for precision in precisions:
