@@ -1193,7 +1193,7 @@ def torch_engine(cfg, D: int, gpu: GPU) -> list[dict]:
     hbm = sum(nbytes.values())
     clk = gpu.clock_ghz * 1e9
     rates = {"fp32": gpu.fp32_lanes * 2 * gpu.sms * clk,
-             "tf32": gpu.tensor.get(("wgmma", "TF32"), gpu.tensor[("mma.sync", "TF32")]) * gpu.sms * clk}
+             "tf32": tensor_peak(gpu, "TF32")}
     rows = []
     for mode, rate in rates.items():
         t = {"gemm": flops / (rate * CUBLAS_EFFICIENCY[mode]), "HBM": hbm / (gpu.hbm_tbs * 1e12)}
@@ -1202,9 +1202,14 @@ def torch_engine(cfg, D: int, gpu: GPU) -> list[dict]:
     return rows
 
 
+def tensor_peak(gpu: GPU, operand_type: str) -> float:
+    """FLOP/s of the tensor cores on ``operand_type`` inputs: wgmma's rate where the GPU has it."""
+    kind = "wgmma" if ("wgmma", operand_type) in gpu.tensor else "mma.sync"
+    return gpu.tensor[(kind, operand_type)] * gpu.sms * gpu.clock_ghz * 1e9
+
+
 # What any implementation pays, whatever its kernels.
 OPERAND_TYPE = {"bf16": "BF16", "bf16x3": "BF16", "tf32": "TF32"}
-PRODUCTS_PER_MATMUL = {"bf16x3": 3}
 ADAMW_BYTES_PER_PARAM = 6 * FP32  # p, m1 and m2 read and written once, in fp32 as torch.optim.AdamW keeps them
 
 
@@ -1220,13 +1225,11 @@ def floors(cfg, D: int, M: int, gpu: GPU, precision: str) -> dict:
     whose AdamW traffic hid entirely behind other models' matmuls would pay the larger
     (overlapped)."""
     L = Layout.from_config(cfg)
-    clk = gpu.clock_ghz * 1e9
-    flops = D * flops_per_example(cfg) * PRODUCTS_PER_MATMUL.get(precision, 1)
-    if precision == "fp32":
-        rate = gpu.fp32_lanes * 2 * gpu.sms * clk
+    if precision == "fp32":  # no tensor products: one FMA a multiply-add
+        flops, rate = D * flops_per_example(cfg), gpu.fp32_lanes * 2 * gpu.sms * gpu.clock_ghz * 1e9
     else:
-        kind = "wgmma" if ("wgmma", OPERAND_TYPE[precision]) in gpu.tensor else "mma.sync"
-        rate = gpu.tensor[(kind, OPERAND_TYPE[precision])] * gpu.sms * clk
+        flops = D * flops_per_example(cfg) * PRODUCTS_PER_DOT[precision]
+        rate = tensor_peak(gpu, OPERAND_TYPE[precision])
     state = ADAMW_BYTES_PER_PARAM * L.P
     in_hbm = M * 3 * FP32 * L.P > gpu.l2_mb * 1e6
     t = {"tensor": flops / rate, "adamw": state / ((gpu.hbm_tbs if in_hbm else gpu.l2_tbs) * 1e12)}
